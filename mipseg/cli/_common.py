@@ -1,0 +1,45 @@
+"""What every command shares: error reporting, the --debug flag, dataset option types."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mipseg.errors import InputError
+
+console = Console(stderr=True)
+
+DatasetOption = Annotated[str, typer.Option("-d", "--dataset", help="Dataset id (900) or name (Dataset900_Name).")]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
+
+
+def make_app(help_text: str) -> typer.Typer:
+    """A single-command typer app with -h as a help alias and no shell-completion noise."""
+    return typer.Typer(help=help_text, add_completion=False, no_args_is_help=False,
+                       context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
+
+
+@contextlib.contextmanager
+def reported_errors(debug: bool = False) -> Iterator[None]:
+    """Turn :class:`InputError` into one red line per problem and exit status 2.
+
+    Ctrl-C exits with 130 and a hint that the command can be resumed; everything written
+    before was written atomically, so nothing is half-written.
+    """
+    try:
+        yield
+    except InputError as error:
+        if debug:
+            console.print_exception()
+        for problem in error.problems:
+            console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]; run the same command with --continue to resume", highlight=False)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""mipseg_plan: fingerprint, plans, splits, preprocessing and the MIPs the annotator draws on."""
