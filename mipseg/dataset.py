@@ -81,8 +81,12 @@ class DatasetSpec:
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.extra)
-        data.update(channel_names=self.channel_names, labels=self.labels, numTraining=self.num_training,
-                    file_ending=self.file_ending)
+        data.update(
+            channel_names=self.channel_names,
+            labels=self.labels,
+            numTraining=self.num_training,
+            file_ending=self.file_ending,
+        )
         if self.annotation is not None:
             data["annotation"] = self.annotation
         if self.annotation == "mip":
@@ -92,7 +96,10 @@ class DatasetSpec:
 
 @dataclass(frozen=True)
 class Case:
-    """Files of one case. ``annotations`` maps a MIP axis (mip mode) or slice index (slice mode) to its PNG."""
+    """Files of one case.
+
+    ``annotations`` maps a MIP axis (mip mode) or a slice index (slice mode) to its PNG.
+    """
 
     case_id: str
     images: tuple[Path, ...]
@@ -134,37 +141,59 @@ def parse_dataset_json(data: Any, source: str = "dataset.json") -> tuple[Dataset
         return None, problems
     channels, labels = data["channel_names"], data["labels"]
     if not isinstance(channels, dict) or not channels:
-        problems.append(f"{source}: 'channel_names' must be a non-empty object like {{\"0\": \"CT\"}}")
+        problems.append(f'{source}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
     elif sorted(channels) != [str(i) for i in range(len(channels))]:
-        problems.append(f"{source}: 'channel_names' keys must be 0..{len(channels) - 1}, found {sorted(channels)}")
-    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                for v in labels.values()):
+        problems.append(
+            f"{source}: 'channel_names' keys must be 0..{len(channels) - 1}, found {sorted(channels)}"
+        )
+    if not isinstance(labels, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in labels.values()
+    ):
         problems.append(f"{source}: 'labels' must map names to integers, found {labels!r}")
     else:
         values = sorted(v for k, v in labels.items() if k != "ignore")
         if values[:1] != [0] or "background" not in labels or labels["background"] != 0:
             problems.append(f"{source}: 'labels' needs \"background\": 0, found {labels!r}")
         elif values != list(range(len(values))):
-            problems.append(f"{source}: label values must be consecutive 0..{len(values) - 1}, found {values}")
+            problems.append(
+                f"{source}: label values must be consecutive 0..{len(values) - 1}, found {values}"
+            )
         elif "ignore" in labels and labels["ignore"] != values[-1] + 1:
-            problems.append(f"{source}: 'ignore' must be max label + 1 = {values[-1] + 1}, found {labels['ignore']}")
+            problems.append(
+                f"{source}: 'ignore' must be max label + 1 = {values[-1] + 1}, found {labels['ignore']}"
+            )
     if not isinstance(data["numTraining"], int) or data["numTraining"] < 0:
-        problems.append(f"{source}: 'numTraining' must be a non-negative integer, found {data['numTraining']!r}")
+        problems.append(
+            f"{source}: 'numTraining' must be a non-negative integer, found {data['numTraining']!r}"
+        )
     ending = data["file_ending"]
     if not isinstance(ending, str) or ending.lower() not in io.IMAGE_ENDINGS:
         problems.append(f"{source}: 'file_ending' {ending!r} is not one of {', '.join(io.IMAGE_ENDINGS)}")
     annotation = data.get("annotation")
     if annotation is not None and annotation not in ANNOTATION_MODES:
-        problems.append(f"{source}: 'annotation' must be \"mip\" or \"slice\", found {annotation!r}")
+        problems.append(f'{source}: \'annotation\' must be "mip" or "slice", found {annotation!r}')
     mip_axes = data.get("mip_axes", [0])
-    if (not isinstance(mip_axes, list) or not mip_axes or len(set(mip_axes)) != len(mip_axes)
-            or not all(isinstance(a, int) and 0 <= a <= 2 for a in mip_axes)):
-        problems.append(f"{source}: 'mip_axes' must be a list of distinct axes from 0, 1, 2, found {mip_axes!r}")
+    if (
+        not isinstance(mip_axes, list)
+        or not mip_axes
+        or len(set(mip_axes)) != len(mip_axes)
+        or not all(isinstance(a, int) and 0 <= a <= 2 for a in mip_axes)
+    ):
+        problems.append(
+            f"{source}: 'mip_axes' must be a list of distinct axes from 0, 1, 2, found {mip_axes!r}"
+        )
     if problems:
         return None, problems
     extra = {k: v for k, v in data.items() if k not in REQUIRED_KEYS + ("annotation", "mip_axes")}
-    spec = DatasetSpec(channel_names=dict(channels), labels=dict(labels), num_training=data["numTraining"],
-                       file_ending=ending, annotation=annotation, mip_axes=tuple(mip_axes), extra=extra)
+    spec = DatasetSpec(
+        channel_names=dict(channels),
+        labels=dict(labels),
+        num_training=data["numTraining"],
+        file_ending=ending,
+        annotation=annotation,
+        mip_axes=tuple(mip_axes),
+        extra=extra,
+    )
     return spec, []
 
 
@@ -206,8 +235,10 @@ def load_dataset(
     if not cases:
         problems.append(f"{folder / 'imagesTr'}: no training images named {{case}}_0000{spec.file_ending}")
     elif len(cases) != spec.num_training:
-        problems.append(f"{folder / 'dataset.json'}: numTraining is {spec.num_training} but imagesTr holds "
-                        f"{len(cases)} cases")
+        problems.append(
+            f"{folder / 'dataset.json'}: numTraining is {spec.num_training} but imagesTr holds "
+            f"{len(cases)} cases"
+        )
     labels = _files_by_case(folder / "labelsTr", spec.file_ending, problems, known=cases)
     annotations = _discover_annotations(folder / "annotationsTr", spec, problems, known=cases)
     test_cases, test_problems = _discover_cases(folder / "imagesTs", spec)
@@ -252,8 +283,10 @@ def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) ->
     reference_shape, reference = shapes[0], geometries[0]
     for path, shape, geometry in zip(case.images[1:], shapes[1:], geometries[1:]):
         if shape != reference_shape or not geometry.matches(reference):
-            problems.append(f"{path}: geometry {_describe(shape, geometry)} differs from channel 0 "
-                            f"{_describe(reference_shape, reference)}")
+            problems.append(
+                f"{path}: geometry {_describe(shape, geometry)} differs from channel 0 "
+                f"{_describe(reference_shape, reference)}"
+            )
     if case.label is not None:
         problems += _check_label(case.label, reference_shape, reference, spec, read_voxels)
     for key, png in sorted(case.annotations.items()):
@@ -289,8 +322,9 @@ def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, 
     return []
 
 
-def _check_label(path: Path, shape: tuple[int, ...], geometry: io.Geometry, spec: DatasetSpec,
-                 read_voxels: bool) -> list[str]:
+def _check_label(
+    path: Path, shape: tuple[int, ...], geometry: io.Geometry, spec: DatasetSpec, read_voxels: bool
+) -> list[str]:
     try:
         if read_voxels:
             array, label_geometry = io.read_image(path)
@@ -300,16 +334,20 @@ def _check_label(path: Path, shape: tuple[int, ...], geometry: io.Geometry, spec
     except InputError as error:
         return error.problems
     if label_shape != shape or not label_geometry.matches(geometry):
-        return [f"{path}: geometry {_describe(label_shape, label_geometry)} does not match its image "
-                f"{_describe(shape, geometry)}"]
+        return [
+            f"{path}: geometry {_describe(label_shape, label_geometry)} does not match its image "
+            f"{_describe(shape, geometry)}"
+        ]
     if not read_voxels:
         return []
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.mod(array, 1) == 0):
         return [f"{path}: label values must be integers, found non-integer values"]
     unknown = sorted(set(np.unique(array).astype(np.int64).tolist()) - set(spec.class_labels.values()))
     if unknown:
-        return [f"{path}: label values {unknown[:10]} are not in dataset.json labels "
-                f"{sorted(spec.class_labels.values())}"]
+        return [
+            f"{path}: label values {unknown[:10]} are not in dataset.json labels "
+            f"{sorted(spec.class_labels.values())}"
+        ]
     return []
 
 
@@ -332,7 +370,9 @@ def _discover_cases(folder: Path, spec: DatasetSpec) -> tuple[dict[str, list[Pat
             names = ", ".join(f"{case_id}_{c:04d}{spec.file_ending}" for c in missing)
             problems.append(f"{folder}: case {case_id} lacks channel file(s) {names}")
         elif extra:
-            problems.append(f"{folder}: case {case_id} has channels {extra} not in dataset.json channel_names")
+            problems.append(
+                f"{folder}: case {case_id} has channels {extra} not in dataset.json channel_names"
+            )
         else:
             cases[case_id] = [channels[c] for c in range(spec.num_channels)]
     return cases, problems
@@ -352,8 +392,9 @@ def _files_by_case(folder: Path, ending: str, problems: list[str], known: Iterab
     return files
 
 
-def _discover_annotations(folder: Path, spec: DatasetSpec, problems: list[str],
-                          known: Iterable[str]) -> dict[str, dict[int, Path]]:
+def _discover_annotations(
+    folder: Path, spec: DatasetSpec, problems: list[str], known: Iterable[str]
+) -> dict[str, dict[int, Path]]:
     if not folder.is_dir():
         return {}
     known = set(known)
@@ -362,14 +403,16 @@ def _discover_annotations(folder: Path, spec: DatasetSpec, problems: list[str],
     for path in sorted(folder.glob("*.png")):
         match = pattern.match(path.name)
         if spec.annotation is None:
-            problems.append(f"{path}: dataset.json has no 'annotation' mode (\"mip\" or \"slice\")")
+            problems.append(f'{path}: dataset.json has no \'annotation\' mode ("mip" or "slice")')
         elif not match:
             form = "{case}_slice{k}.png" if spec.annotation == "slice" else "{case}_mip{axis}.png"
             problems.append(f"{path}: name does not follow {form}")
         elif match["case"] not in known:
             problems.append(f"{path}: no image in imagesTr for case {match['case']!r}")
         elif spec.annotation == "mip" and int(match["axis"]) not in spec.mip_axes:
-            problems.append(f"{path}: axis {match['axis']} is not in dataset.json mip_axes {list(spec.mip_axes)}")
+            problems.append(
+                f"{path}: axis {match['axis']} is not in dataset.json mip_axes {list(spec.mip_axes)}"
+            )
         else:
             key = int(match["index"] if spec.annotation == "slice" else match["axis"])
             found.setdefault(match["case"], {})[key] = path
@@ -378,8 +421,11 @@ def _discover_annotations(folder: Path, spec: DatasetSpec, problems: list[str],
 
 def _missing_annotations(case: Case, spec: DatasetSpec, folder: Path) -> list[str]:
     if spec.annotation == "mip":
-        return [f"{folder / f'{case.case_id}_mip{axis}.png'}: annotation missing"
-                for axis in spec.mip_axes if axis not in case.annotations]
+        return [
+            f"{folder / f'{case.case_id}_mip{axis}.png'}: annotation missing"
+            for axis in spec.mip_axes
+            if axis not in case.annotations
+        ]
     if spec.annotation == "slice" and not case.annotations:
         return [f"{folder / f'{case.case_id}_slice{{k}}.png'}: annotation missing (no slice annotated)"]
     if spec.annotation is None:

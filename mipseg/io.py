@@ -9,8 +9,10 @@ run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
+import struct
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -67,8 +69,11 @@ class Geometry:
 
     def matches(self, other: Geometry, tolerance: float = 1e-4) -> bool:
         """True if spacing, origin and direction agree within a relative ``tolerance``."""
-        for mine, theirs in ((self.spacing, other.spacing), (self.origin, other.origin),
-                             (self.direction, other.direction)):
+        for mine, theirs in (
+            (self.spacing, other.spacing),
+            (self.origin, other.origin),
+            (self.direction, other.direction),
+        ):
             a, b = np.asarray(mine, float), np.asarray(theirs, float)
             if not np.allclose(a, b, rtol=tolerance, atol=tolerance * max(1.0, float(np.abs(a).max()))):
                 return False
@@ -87,7 +92,7 @@ def compound_suffix(path: str | Path) -> str:
     name = Path(path).name.lower()
     for ending in IMAGE_ENDINGS + (".npy", ".npz", ".png", ".json", ".pt", ".txt"):
         if name.endswith(ending):
-            return Path(path).name[-len(ending):]
+            return Path(path).name[-len(ending) :]
     return Path(path).suffix
 
 
@@ -136,7 +141,9 @@ def read_image(path: str | Path, dtype: np.dtype | type | None = None) -> tuple[
     if image.GetDimension() != 3:
         raise InputError(f"{path}: expected a 3D image, found {image.GetDimension()}D")
     if image.GetNumberOfComponentsPerPixel() != 1:
-        raise InputError(f"{path}: expected one component per voxel, found {image.GetNumberOfComponentsPerPixel()}")
+        raise InputError(
+            f"{path}: expected one component per voxel, found {image.GetNumberOfComponentsPerPixel()}"
+        )
     array = sitk.GetArrayFromImage(image)
     return (array if dtype is None else array.astype(dtype, copy=False)), Geometry.of(image)
 
@@ -182,7 +189,11 @@ def read_png(path: str | Path) -> np.ndarray:
     array = sitk.GetArrayFromImage(image)
     if image.GetNumberOfComponentsPerPixel() > 1:
         colour = array[..., :3]
-        array = colour[..., 0] if np.all(colour == colour[..., :1]) else (colour.max(axis=-1) > 0).astype(np.uint8)
+        array = (
+            colour[..., 0]
+            if np.all(colour == colour[..., :1])
+            else (colour.max(axis=-1) > 0).astype(np.uint8)
+        )
     if array.ndim == 3 and array.shape[0] == 1:
         array = array[0]
     if array.ndim != 2:
@@ -245,9 +256,41 @@ def _read_sitk(path: str | Path) -> sitk.Image:
     if not path.is_file():
         raise InputError(f"{path}: file not found")
     try:
-        return sitk.ReadImage(str(path))
+        image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         raise InputError(f"{path}: unreadable or truncated ({_first_line(error)})") from None
+    if path.name.lower().endswith(".gz") and not _gzip_is_complete(path, image):
+        raise InputError(f"{path}: unreadable or truncated (compressed data ends early)")
+    return image
+
+
+def _gzip_is_complete(path: Path, image: sitk.Image) -> bool:
+    """True if a gzip file holds its whole stream.
+
+    ITK fills a truncated gzip stream with zeros instead of failing, so a cut download would
+    otherwise read as a valid image. For NIfTI the gzip trailer's size field must equal the
+    header offset plus the voxel bytes (cheap); other formats are decompressed once.
+    """
+    if path.name.lower().endswith(".nii.gz"):
+        with gzip.open(path, "rb") as stream:
+            header = stream.read(112)
+        if len(header) < 112:
+            return False
+        endian = "<" if struct.unpack("<i", header[:4])[0] == 348 else ">"
+        offset = int(struct.unpack(endian + "f", header[108:112])[0])
+        voxels = image.GetNumberOfPixels() * image.GetNumberOfComponentsPerPixel()
+        expected = offset + voxels * image.GetSizeOfPixelComponent()
+        with open(path, "rb") as raw:
+            raw.seek(-4, os.SEEK_END)
+            stored = struct.unpack("<I", raw.read(4))[0]
+        return stored == expected % 2**32
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 24):
+                pass
+    except (EOFError, OSError):
+        return False
+    return True
 
 
 def _first_line(error: Exception) -> str:

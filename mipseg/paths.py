@@ -79,7 +79,13 @@ def resolve_dataset(identifier: str | int) -> str:
     prefix = f"Dataset{int(text):03d}_"
     roots = (raw_root(), preprocessed_root(), results_root())
     found = sorted(
-        {p.name for root in roots if root.is_dir() for p in root.iterdir() if p.is_dir() and p.name.startswith(prefix)}
+        {
+            p.name
+            for root in roots
+            if root.is_dir()
+            for p in root.iterdir()
+            if p.is_dir() and p.name.startswith(prefix)
+        }
     )
     if not found:
         searched = ", ".join(str(r) for r in roots)

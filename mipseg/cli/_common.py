@@ -14,15 +14,22 @@ from mipseg.errors import InputError
 
 console = Console(stderr=True)
 
-DatasetOption = Annotated[str, typer.Option("-d", "--dataset", help="Dataset id (900) or name (Dataset900_Name).")]
+DatasetOption = Annotated[
+    str, typer.Option("-d", "--dataset", help="Dataset id (900) or name (Dataset900_Name).")
+]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same seed gives the same result.")]
 
 
 def make_app(help_text: str) -> typer.Typer:
     """A single-command typer app with -h as a help alias and no shell-completion noise."""
-    return typer.Typer(help=help_text, add_completion=False, no_args_is_help=False,
-                       context_settings={"help_option_names": ["-h", "--help"]}, pretty_exceptions_enable=False)
+    return typer.Typer(
+        help=help_text,
+        add_completion=False,
+        no_args_is_help=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+        pretty_exceptions_enable=False,
+    )
 
 
 @contextlib.contextmanager
@@ -41,5 +48,7 @@ def reported_errors(debug: bool = False) -> Iterator[None]:
             console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]; run the same command with --continue to resume", highlight=False)
+        console.print(
+            "[yellow]interrupted[/]; run the same command with --continue to resume", highlight=False
+        )
         sys.exit(130)

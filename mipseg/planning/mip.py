@@ -35,7 +35,8 @@ def maximum_intensity_projection(volume: np.ndarray, axis: int) -> tuple[np.ndar
 def ray_coordinates(depth: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Full ``(z, y, x)`` index arrays of the voxels a depth map points at.
 
-    ``volume[ray_coordinates(depth, axis)] == mip`` for ``mip, depth = maximum_intensity_projection(volume, axis)``.
+    ``volume[ray_coordinates(depth, axis)] == mip`` where
+    ``mip, depth = maximum_intensity_projection(volume, axis)``.
     """
     rows, cols = np.indices(depth.shape)
     if axis == 0:
