@@ -1,0 +1,151 @@
+"""Synthetic organ volumes: one smooth, non-convex organ with touching neighbours of similar brightness.
+
+The organ is a union of a main ellipsoid and two or three lobes, minus a notch, evaluated on
+smoothly displaced coordinates, so it is smooth and clearly non-convex (like a liver or a
+spleen with its hilum). Two or three neighbours are grown against its surface so that they
+touch it with about the organ's brightness; only texture and a faint partial-volume edge
+separate them, which is what makes organ boundaries hard in practice. The image is MR-like
+(T1): fat about 600, organs about 400, other tissue about 250, 0 outside the body, with a
+slice profile along z for thick slices, a bias field and Rician noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from mipseg.synthetic.fields import (
+    Shape3,
+    Spacing3,
+    bias_field,
+    ellipsoid_level,
+    elliptical_body,
+    random_rotation,
+    rician_noise,
+    smooth_field,
+    voxel_centres_mm,
+)
+
+ORGAN_INTENSITY = 400.0
+TISSUE_INTENSITY = 250.0
+FAT_INTENSITY = 600.0
+
+
+def _organ_shape(
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray], centre: np.ndarray, size: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Boolean organ mask: main ellipsoid plus lobes, minus a notch (non-convex by construction).
+
+    Parameters
+    ----------
+    grid
+        Physical ``(z, y, x)`` coordinates of every voxel (already displaced for smooth deformation).
+    centre : np.ndarray, shape (3,)
+        Organ centre in mm.
+    size
+        Typical semi-axis in mm.
+    """
+    main_axes = size * rng.uniform([1.2, 0.7, 0.8], [1.6, 0.9, 1.1])
+    main_rotation = random_rotation(rng)
+    organ = ellipsoid_level(grid, centre, main_axes, main_rotation) < 1.0
+    for _ in range(int(rng.integers(2, 4))):
+        direction = rng.standard_normal(3)
+        direction /= np.linalg.norm(direction)
+        lobe_centre = centre + direction * main_axes * rng.uniform(0.7, 0.9)
+        lobe_axes = main_axes * rng.uniform(0.4, 0.6, 3)
+        organ |= ellipsoid_level(grid, lobe_centre, lobe_axes, random_rotation(rng)) < 1.0
+    # A notch cut into the surface (the hilum) keeps the organ non-convex even if the lobes overlap.
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    notch_centre = centre + direction * main_axes * 0.95
+    notch_axes = main_axes * rng.uniform(0.3, 0.45, 3)
+    organ &= ~(ellipsoid_level(grid, notch_centre, notch_axes, random_rotation(rng)) < 1.0)
+    return organ
+
+
+def _touching_neighbours(
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+    organ: np.ndarray,
+    body: np.ndarray,
+    spacing: Spacing3,
+    size: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
+    """Two or three ellipsoids centred just outside the organ surface, cut by the organ so they touch it.
+
+    Returns a list of boolean ``(z, y, x)`` masks, disjoint from the organ and each other, inside the body.
+    """
+    surface = np.argwhere(ndimage.binary_erosion(organ) ^ organ)  # organ surface voxels (z, y, x)
+    # Prefer the organ's middle slices so that neighbours show up where annotators look.
+    z_low, z_high = np.percentile(surface[:, 0], [25, 75])
+    surface = surface[(surface[:, 0] >= z_low) & (surface[:, 0] <= z_high)]
+    organ_centre = np.argwhere(organ).mean(axis=0) * np.asarray(spacing)
+    neighbours = []
+    taken = organ | ~body
+    for _ in range(int(rng.integers(2, 4))):
+        surface_point = surface[rng.integers(len(surface))] * np.asarray(spacing)
+        outward = surface_point - organ_centre
+        outward /= np.linalg.norm(outward) + 1e-6
+        axes = size * rng.uniform(0.5, 0.8, 3)
+        centre = surface_point + outward * axes.min() * 0.6
+        neighbour = (ellipsoid_level(grid, centre, axes, random_rotation(rng)) < 1.0) & ~taken
+        if neighbour.any():
+            neighbours.append(neighbour)
+            taken |= neighbour
+    return neighbours
+
+
+def make_organ_volume(
+    shape: tuple[int, int, int], spacing: tuple[float, float, float], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic abdominal MR-like volume with a dense organ label.
+
+    Parameters
+    ----------
+    shape : (z, y, x)
+    spacing : (z, y, x) in mm
+        Thick slices (e.g. 3 x 1 x 1 mm) are typical; the organ keeps its physical size.
+    rng
+        The only source of randomness.
+
+    Returns
+    -------
+    image : np.ndarray of float32, shape (z, y, x)
+        MR-like intensities (organ and neighbours about 400, tissue 250, fat 600), 0 outside.
+    label : np.ndarray of uint8, shape (z, y, x)
+        1 = organ, 0 = everything else (neighbours included).
+    """
+    shape: Shape3 = tuple(int(s) for s in shape)
+    spacing: Spacing3 = tuple(float(s) for s in spacing)
+    extent = np.asarray(shape) * np.asarray(spacing)
+    body, radial = elliptical_body(shape, spacing, rng)
+    z, y, x = voxel_centres_mm(shape, spacing)
+    # Smooth deformation: displace the coordinates by a smooth random field (a few mm).
+    amplitude = 0.05 * extent[1:].min()
+    grid = tuple(
+        np.broadcast_to(axis_coordinates, shape) + amplitude * smooth_field(shape, spacing, 12.0, rng)
+        for axis_coordinates in (z, y, x)
+    )
+    size = 0.27 * min(extent[1], extent[2], 1.6 * extent[0])
+    centre = extent / 2 + rng.uniform(-0.08, 0.08, 3) * extent
+    organ = _organ_shape(grid, centre, size, rng) & body
+    neighbours = _touching_neighbours(grid, organ, body, spacing, size, rng)
+
+    tissue = TISSUE_INTENSITY * (1.0 + 0.08 * smooth_field(shape, spacing, 6.0, rng))
+    image = np.where(np.broadcast_to(radial > rng.uniform(0.85, 0.9), shape), FAT_INTENSITY, tissue)
+    # Fat pockets between the viscera.
+    fat = smooth_field(shape, spacing, 4.0, rng) > 2.3
+    image = np.where(fat, FAT_INTENSITY, image).astype(np.float32)
+    organ_texture = 1.0 + 0.06 * smooth_field(shape, spacing, 2.0, rng)
+    image[organ] = (ORGAN_INTENSITY * organ_texture)[organ]
+    for neighbour in neighbours:
+        # Similar brightness: within about 8% of the organ, with its own texture scale.
+        brightness = ORGAN_INTENSITY * rng.uniform(0.92, 1.08)
+        texture = 1.0 + 0.06 * smooth_field(shape, spacing, rng.uniform(1.5, 4.0), rng)
+        image[neighbour] = (brightness * texture)[neighbour]
+    # Partial volume: soften every edge by about one voxel (slice profile along z, blur in-plane).
+    image = ndimage.gaussian_filter(image, sigma=0.6)
+    image *= bias_field(shape, rng, strength=rng.uniform(0.1, 0.25))
+    image = rician_noise(image, sigma=rng.uniform(10.0, 18.0), rng=rng)
+    image[~body] = 0.0
+    return image.astype(np.float32), organ.astype(np.uint8)
