@@ -1,0 +1,371 @@
+"""The pseudo-label stage: a MIP-annotated raw dataset -> label set ``labelsets/{name}/``.
+
+For every training case it reads channel 0 of the image, the annotation PNG of every MIP axis and
+the depth map (``preprocessed/.../mips/{case}_mip{a}_depth.npy`` from ``mipseg_plan`` when present,
+else computed), back-projects the annotation (:mod:`mipseg.pseudolabel.mip_backprojection`) and
+writes, atomically and case by case::
+
+    labelsets/{name}/{case}.nii.gz        uint8, raw geometry: 0 background, 1 vessel, ignore value
+    labelsets/{name}/{case}_seeds.nii.gz  uint8, raw geometry: 1 at seed voxels (S_p), ignore value elsewhere
+    labelsets/{name}/qc/{case}_mip{a}.png RGB: the MIP with S_1's projection overlaid
+    labelsets/{name}/labelset.json        what the values mean and how the set was made
+    labelsets/{name}/report.json          voxel counts per case; agreement with labelsTr if present
+
+Dense truth (labelsTr) is read only to fill the agreement numbers of the report.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from mipseg import io, paths
+from mipseg.dataset import Case, Dataset, load_dataset, parse_dataset_json
+from mipseg.errors import InputError
+from mipseg.planning.mip import maximum_intensity_projection, ray_coordinates
+from mipseg.pseudolabel import mip_backprojection as bp
+
+DEFAULT_NAME = "pseudo"
+RESERVED_NAMES = ("dense",)
+SEEDS_PATTERN = "{case}_seeds.nii.gz"
+# QC colours (RGB): S_1 seen on annotated pixels, and S_1 leaking onto pixels nobody annotated.
+QC_ANNOTATED = np.array([230, 30, 30], dtype=np.float32)
+QC_LEAK = np.array([255, 210, 0], dtype=np.float32)
+QC_ALPHA = 0.6
+
+
+@dataclass(frozen=True)
+class PseudoLabelSettings:
+    """Every threshold of the rule; defaults are the published ones (seed-methods.md A.2).
+
+    ``axes`` = MIP axes whose annotations are used (``None``: all of dataset.json ``mip_axes``).
+    ``overlap`` = what an S_1 voxel the annotation contradicts (in S_0 or on an unannotated ray) becomes
+    (``"vessel"``, ``"background"``, ``"ignore"``); ``seed_floor`` drops seeds darker than that fraction
+    of the median seed intensity (0 = keep all, as published).
+    """
+
+    fg_factor: float = bp.FG_FACTOR
+    min_size: int = bp.MIN_SIZE
+    bright_factor: float = bp.BRIGHT_FACTOR
+    dark_factor: float = bp.DARK_FACTOR
+    clip_fraction: float = bp.CLIP_FRACTION
+    overlap: str = bp.DEFAULT_OVERLAP
+    seed_floor: float = bp.SEED_FLOOR
+    axes: tuple[int, ...] | None = field(default=None)
+
+    def problems(self) -> list[str]:
+        """One line per invalid setting."""
+        found = []
+        if not self.fg_factor > 0:
+            found.append(f"--fg-factor must be > 0, got {self.fg_factor}")
+        if self.min_size < 1:
+            found.append(f"--min-size must be >= 1, got {self.min_size}")
+        if not 0 <= self.dark_factor < self.bright_factor:
+            found.append(
+                f"need 0 <= --dark-factor < --bright-factor, got {self.dark_factor} and {self.bright_factor}"
+            )
+        if not 0 <= self.clip_fraction < 0.5:
+            found.append(f"--clip-fraction must be in [0, 0.5), got {self.clip_fraction}")
+        if not 0 <= self.seed_floor <= 1:
+            found.append(f"--seed-floor must be in [0, 1], got {self.seed_floor}")
+        if self.overlap not in bp.OVERLAP_RULES:
+            found.append(f"--overlap must be one of {', '.join(bp.OVERLAP_RULES)}, got {self.overlap!r}")
+        return found
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["axes"] = None if self.axes is None else list(self.axes)
+        return data
+
+
+def make_pseudo_labels(
+    dataset: str | int,
+    name: str = DEFAULT_NAME,
+    *,
+    settings: PseudoLabelSettings | None = None,
+    resume: bool = False,
+    num_processes: int = 1,
+    show_progress: bool = True,
+) -> Path:
+    """Write the pseudo-label set ``name`` of a MIP-annotated dataset; returns its folder.
+
+    Parameters
+    ----------
+    dataset
+        Dataset id or folder name.
+    name
+        Label set name (folder under ``preprocessed/DatasetX/labelsets``); ``dense`` is reserved.
+    settings
+        Thresholds; ``None`` = published defaults.
+    resume
+        Keep cases already finished by an earlier run with the same settings (``--continue``).
+    num_processes
+        Cases processed in parallel.
+
+    Raises
+    ------
+    InputError
+        Bad settings, a dataset that is not in mip mode, missing / empty / wrong-size annotations,
+        or a depth map of the wrong shape.
+    """
+    settings = settings or PseudoLabelSettings()
+    problems = settings.problems()
+    if not re.fullmatch(r"\w[\w.-]*", name) or name in RESERVED_NAMES:
+        problems.append(f"label set name {name!r} is reserved or not a simple name (letters, digits, _ . -)")
+    if num_processes < 1:
+        problems.append(f"-np must be >= 1, got {num_processes}")
+    if problems:
+        raise InputError(problems)
+    _require_mip_mode(dataset)
+    loaded = load_dataset(dataset, read_voxels=False, require_annotations=True)
+    axes = _check_axes(loaded, settings.axes)
+    folder = paths.preprocessed_root() / loaded.name / "labelsets" / name
+    description = labelset_description(loaded, name, settings, axes)
+    report = _start_report(folder, description, resume)
+    io.write_json(description, folder / "labelset.json")
+
+    jobs = [
+        (loaded, case, axes, settings, folder)
+        for case in loaded.cases
+        if not (resume and _case_finished(folder, case.case_id, axes, report))
+    ]
+    with _progress(show_progress) as progress:
+        task = progress.add_task(f"pseudo-labels {loaded.name}", total=len(loaded.cases))
+        progress.advance(task, len(loaded.cases) - len(jobs))
+        for case_id, entry in _run_jobs(jobs, num_processes):
+            report["cases"][case_id] = entry
+            report["summary"] = summarize(report["cases"])
+            io.write_json(report, folder / "report.json")
+            progress.advance(task)
+    report["cases"] = {case.case_id: report["cases"][case.case_id] for case in loaded.cases}
+    report["summary"] = summarize(report["cases"])
+    io.write_json(report, folder / "report.json")
+    return folder
+
+
+def labelset_description(
+    dataset: Dataset, name: str, settings: PseudoLabelSettings, axes: tuple[int, ...]
+) -> dict[str, Any]:
+    """Content of ``labelset.json``: the meaning of every value and file, and the settings."""
+    spec = dataset.spec
+    vessel_name = next(k for k, v in spec.class_labels.items() if v == 1)
+    return {
+        "name": name,
+        "dataset": dataset.name,
+        "made_by": "mipseg_pseudolabel (MIP back-projection, Guo et al. IEEE TMI 2024)",
+        "background": 0,
+        "vessel": 1,
+        "ignore": spec.ignore_label,
+        "labels": {"background": 0, vessel_name: 1, "ignore": spec.ignore_label},
+        "seeds": SEEDS_PATTERN,
+        "seeds_values": {"seed": 1, "elsewhere": spec.ignore_label},
+        "intensity_channel": 0,
+        "mip_axes": list(axes),
+        "settings": {**settings.to_json(), "axes": list(axes)},
+    }
+
+
+def process_case(
+    dataset: Dataset, case: Case, axes: tuple[int, ...], settings: PseudoLabelSettings, folder: Path
+) -> dict[str, Any]:
+    """Make and write the label map, seeds and QC pictures of one case; returns its report entry."""
+    volume, geometry = io.read_image(case.images[0], dtype=np.float32)
+    annotations = {axis: io.read_png(case.annotations[axis]) > 0 for axis in axes}
+    mips = {axis: volume.max(axis=axis) for axis in axes}
+    depths = {axis: load_depth_map(dataset, case.case_id, volume, axis, mips[axis]) for axis in axes}
+    labels, seeds, counts = bp.pseudo_label_volume(
+        volume,
+        annotations,
+        depths,
+        ignore_value=dataset.spec.ignore_label,
+        fg_factor=settings.fg_factor,
+        min_size=settings.min_size,
+        bright_factor=settings.bright_factor,
+        dark_factor=settings.dark_factor,
+        clip_fraction=settings.clip_fraction,
+        overlap=settings.overlap,
+        seed_floor=settings.seed_floor,
+    )
+    low, high = bp.intensity_scale(volume, settings.clip_fraction)
+    for axis in axes:
+        mip = bp.normalize_intensity(mips[axis], low, high)
+        overlay = qc_overlay(mip, (labels == 1).any(axis=axis), annotations[axis])
+        io.write_png(overlay, folder / "qc" / f"{case.case_id}_mip{axis}.png")
+    entry: dict[str, Any] = {"counts": counts}
+    if case.label is not None:
+        truth, _ = io.read_image(case.label)
+        entry["agreement"] = bp.agreement_with_truth(labels, truth > 0)
+    # Seeds as a label map of their own (seed class at seeds, ignore elsewhere), the layout the
+    # trainer reads, so preprocessing can treat it exactly like the label map.
+    seed_map = np.where(seeds, np.uint8(1), np.uint8(dataset.spec.ignore_label))
+    io.write_image(seed_map, geometry, folder / SEEDS_PATTERN.format(case=case.case_id))
+    # The label map is written last: its presence (plus the report entry) marks the case finished.
+    io.write_image(labels, geometry, folder / f"{case.case_id}.nii.gz")
+    return entry
+
+
+def load_depth_map(
+    dataset: Dataset, case_id: str, volume: np.ndarray, axis: int, mip: np.ndarray | None = None
+) -> np.ndarray:
+    """Depth (argmax) map of ``volume`` along ``axis``: mipseg_plan's file if present, else computed.
+
+    Parameters
+    ----------
+    volume : np.ndarray, shape (z, y, x)
+        Channel 0 of the raw image.
+    mip : np.ndarray, optional
+        ``volume.max(axis)`` if already computed; used to check that a stored map is current.
+
+    Raises
+    ------
+    InputError
+        If the stored depth map does not fit the MIP grid, points outside the volume, or does not
+        point at the brightest voxel of every ray (made from another image).
+    """
+    path = paths.preprocessed_root() / dataset.name / "mips" / f"{case_id}_mip{axis}_depth.npy"
+    expected = tuple(s for a, s in enumerate(volume.shape) if a != axis)
+    if not path.is_file():
+        return maximum_intensity_projection(volume, axis)[1]
+    try:
+        depth = np.load(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: unreadable depth map ({error})") from None
+    if depth.shape != expected or not np.issubdtype(depth.dtype, np.integer):
+        raise InputError(
+            f"{path}: depth map {depth.dtype} {depth.shape} does not match the MIP grid {expected} "
+            f"of the image along axis {axis}; rerun mipseg_plan or delete it"
+        )
+    if depth.size and (depth.min() < 0 or depth.max() >= volume.shape[axis]):
+        raise InputError(f"{path}: depth values outside 0..{volume.shape[axis] - 1}")
+    mip = volume.max(axis=axis) if mip is None else mip
+    if not np.array_equal(volume[ray_coordinates(depth, axis)], mip):
+        raise InputError(
+            f"{path}: depth map does not point at the brightest voxel of each ray of channel 0 "
+            f"(made from another image?); rerun mipseg_plan or delete it"
+        )
+    return depth
+
+
+def qc_overlay(mip: np.ndarray, foreground_projection: np.ndarray, annotation: np.ndarray) -> np.ndarray:
+    """RGB QC picture: grey MIP; S_1 in red where annotated, in yellow where it leaks off the annotation.
+
+    Parameters
+    ----------
+    mip : np.ndarray of float in [0, 1], shape (rows, cols)
+    foreground_projection, annotation : np.ndarray of bool, shape (rows, cols)
+
+    Returns
+    -------
+    np.ndarray of uint8, shape (rows, cols, 3)
+    """
+    rgb = np.repeat((mip * 255.0)[..., None], 3, axis=-1).astype(np.float32)
+    for mask, colour in (
+        (foreground_projection & annotation, QC_ANNOTATED),
+        (foreground_projection & ~annotation, QC_LEAK),
+    ):
+        rgb[mask] = (1 - QC_ALPHA) * rgb[mask] + QC_ALPHA * colour
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def summarize(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Totals of the voxel counts over cases and the mean of each agreement number."""
+    summary: dict[str, Any] = {"num_cases": len(cases)}
+    if not cases:
+        return summary
+    count_keys = next(iter(cases.values()))["counts"].keys()
+    summary["counts"] = {key: sum(entry["counts"][key] for entry in cases.values()) for key in count_keys}
+    scored = [entry["agreement"] for entry in cases.values() if "agreement" in entry]
+    if scored:
+        summary["agreement_mean"] = {
+            key: float(np.nanmean([s[key] for s in scored]))
+            if any(s[key] == s[key] for s in scored)
+            else None
+            for key in scored[0]
+        }
+        summary["num_cases_scored"] = len(scored)
+    return summary
+
+
+def _require_mip_mode(dataset: str | int) -> None:
+    """Say first that a dataset is not in mip mode, before its (then irrelevant) annotation problems."""
+    path = paths.raw_dataset_dir(dataset) / "dataset.json"
+    if not path.is_file():
+        return  # load_dataset reports it
+    spec, _ = parse_dataset_json(io.read_json(path), str(path))
+    if spec is not None and spec.annotation != "mip":
+        raise InputError(
+            f"{path}: 'annotation' is {spec.annotation!r}; pseudo-labels need \"mip\" annotations"
+        )
+
+
+def _check_axes(dataset: Dataset, requested: tuple[int, ...] | None) -> tuple[int, ...]:
+    if requested is None:
+        return tuple(dataset.spec.mip_axes)
+    unknown = sorted(set(requested) - set(dataset.spec.mip_axes))
+    if unknown:
+        raise InputError(
+            f"--axes {list(requested)}: axes {unknown} are not in dataset.json mip_axes "
+            f"{list(dataset.spec.mip_axes)}"
+        )
+    return tuple(sorted(set(requested)))
+
+
+def _start_report(folder: Path, description: dict[str, Any], resume: bool) -> dict[str, Any]:
+    """The report to extend: the earlier one when resuming with the same settings, else a new one."""
+    report_path, description_path = folder / "report.json", folder / "labelset.json"
+    if resume and report_path.is_file() and description_path.is_file():
+        earlier = io.read_json(description_path)
+        if earlier.get("settings") != description["settings"]:
+            raise InputError(
+                f"{description_path}: made with settings {earlier.get('settings')}, now "
+                f"{description['settings']}; run without --continue to remake the label set"
+            )
+        report = io.read_json(report_path)
+        report.setdefault("cases", {})
+        return report
+    return {
+        "labelset": description["name"],
+        "dataset": description["dataset"],
+        "settings": description["settings"],
+        "values": {k: description[k] for k in ("background", "vessel", "ignore", "seeds")},
+        "truth_used_for": "agreement numbers only (labelsTr), never for the labels",
+        "cases": {},
+    }
+
+
+def _case_finished(folder: Path, case_id: str, axes: tuple[int, ...], report: dict[str, Any]) -> bool:
+    files = [folder / f"{case_id}.nii.gz", folder / SEEDS_PATTERN.format(case=case_id)]
+    files += [folder / "qc" / f"{case_id}_mip{axis}.png" for axis in axes]
+    return case_id in report["cases"] and all(path.is_file() for path in files)
+
+
+def _run_job(job: tuple[Dataset, Case, tuple[int, ...], PseudoLabelSettings, Path]) -> tuple[str, dict]:
+    dataset, case, axes, settings, folder = job
+    return case.case_id, process_case(dataset, case, axes, settings, folder)
+
+
+def _run_jobs(jobs: list[tuple], num_processes: int) -> Iterator[tuple[str, dict]]:
+    """Results of the jobs as they finish, in this process or in a pool of ``num_processes``."""
+    if num_processes == 1 or len(jobs) <= 1:
+        yield from map(_run_job, jobs)
+        return
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(min(num_processes, len(jobs))) as pool:
+        yield from pool.imap_unordered(_run_job, jobs)
+
+
+def _progress(show: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not show,
+    )
