@@ -1,0 +1,194 @@
+"""Losses for label sets that leave voxels unlabelled (the ignore value contributes nothing).
+
+A training loss is any callable ``(outputs, batch) -> (loss, parts)``: ``outputs`` is what the
+network returned (a list of logits, highest resolution first, with deep supervision), ``batch``
+the dict of tensors from the loader (``"target"`` ``(B, 1, z, y, x)`` int64 holding labels or the
+ignore value; optional ``"seeds"`` of the same shape), ``loss`` a scalar tensor and ``parts`` a
+dict of floats for the log. :class:`PartialDiceCELoss` is the plain trainer's; the MIP trainer
+(issue 6) plugs in its own.
+
+Dice follows nnU-Net's ``MemoryEfficientSoftDiceLoss`` (per sample, background excluded,
+smooth 1e-5, returned as ``-dice``); cross-entropy uses ``ignore_index``; deep-supervision
+weights are nnU-Net's ``1/2**i`` with the lowest resolution weighted 0, normalised to sum 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LossFunction = Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def deep_supervision_weights(num_outputs: int) -> list[float]:
+    """nnU-Net's weights: ``1/2**i``, the lowest resolution set to 0, normalised to sum 1.
+
+    >>> [round(w, 3) for w in deep_supervision_weights(5)]
+    [0.533, 0.267, 0.133, 0.067, 0.0]
+    """
+    weights = np.array([1 / (2**i) for i in range(num_outputs)])
+    if num_outputs > 1:
+        weights[-1] = 0
+    return list(weights / weights.sum())
+
+
+def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_label: int) -> torch.Tensor:
+    """Mean cross-entropy over labelled voxels.
+
+    Parameters
+    ----------
+    logits
+        ``(B, K, z, y, x)``.
+    target
+        ``(B, 1, z, y, x)`` integer labels in ``0..K-1`` or ``ignore_label``.
+
+    Returns
+    -------
+    Scalar; exactly 0 (still connected to the graph) when no voxel is labelled.
+    """
+    labels = target[:, 0].long()
+    if not bool((labels != ignore_label).any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_label)
+
+
+def partial_soft_dice(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_label: int,
+    *,
+    batch_dice: bool = False,
+    do_bg: bool = False,
+    smooth: float = 1e-5,
+) -> torch.Tensor:
+    """Negative soft Dice of the softmax, counted over labelled voxels only.
+
+    Parameters
+    ----------
+    logits
+        ``(B, K, z, y, x)``.
+    target
+        ``(B, 1, z, y, x)``; voxels equal to ``ignore_label`` are masked out of the
+        intersection, the predicted sum and the reference sum.
+    batch_dice
+        Sum over the batch before dividing (nnU-Net's ``batch_dice``); else per sample.
+    do_bg
+        Include the background class.
+
+    Returns
+    -------
+    ``-mean(dice)`` over classes (and samples), a scalar in ``[-1, 0]``.
+    """
+    probabilities = torch.softmax(logits.float(), dim=1)
+    labels = target[:, 0].long()
+    mask = (labels != ignore_label).unsqueeze(1).float()
+    with torch.no_grad():
+        one_hot = torch.zeros_like(probabilities)
+        one_hot.scatter_(1, torch.where(labels == ignore_label, 0, labels).unsqueeze(1), 1.0)
+        one_hot = one_hot * mask
+    if not do_bg:
+        probabilities, one_hot = probabilities[:, 1:], one_hot[:, 1:]
+    axes = tuple(range(2, probabilities.ndim))
+    intersection = (probabilities * one_hot).sum(axes)
+    predicted = (probabilities * mask).sum(axes)
+    reference = one_hot.sum(axes)
+    if batch_dice:
+        intersection, predicted, reference = intersection.sum(0), predicted.sum(0), reference.sum(0)
+    dice = (2 * intersection + smooth) / torch.clip(reference + predicted + smooth, min=1e-8)
+    return -dice.mean()
+
+
+def partial_dice_ce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_label: int,
+    *,
+    weight_ce: float = 1.0,
+    weight_dice: float = 1.0,
+    batch_dice: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nnU-Net's ``DC_and_CE_loss`` with an ignore label, for one resolution.
+
+    Returns
+    -------
+    (total, cross_entropy, negative_dice), all scalars.
+    """
+    ce = partial_cross_entropy(logits, target, ignore_label)
+    dice = partial_soft_dice(logits, target, ignore_label, batch_dice=batch_dice)
+    return weight_ce * ce + weight_dice * dice, ce, dice
+
+
+def seed_cross_entropy(logits: torch.Tensor, seeds: torch.Tensor, ignore_label: int) -> torch.Tensor:
+    """The published seed term L_p: mean ``-log p(class)`` over the back-projected seed voxels.
+
+    Guo et al. (TMI 2024) normalise the seed term by ``|S_p|`` separately from the region terms
+    so that the few, most certain voxels weigh as much as the large grown region.
+
+    Parameters
+    ----------
+    logits
+        ``(B, K, z, y, x)`` at full resolution.
+    seeds
+        ``(B, 1, z, y, x)``: the seed's class at seed voxels, ``ignore_label`` elsewhere.
+    """
+    return partial_cross_entropy(logits, seeds, ignore_label)
+
+
+def _resize_nearest(target: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Nearest-neighbour downsampling of a label map (nnU-Net's order-0 DS targets)."""
+    if tuple(target.shape[2:]) == tuple(shape):
+        return target
+    return F.interpolate(target.float(), size=tuple(shape), mode="nearest").long()
+
+
+@dataclass
+class PartialDiceCELoss:
+    """Deep-supervised Dice + CE on labelled voxels, plus the weighted seed term.
+
+    Callable as ``loss(outputs, batch) -> (loss, parts)`` (see the module docstring).
+
+    Attributes
+    ----------
+    ignore_label
+        Value marking unlabelled voxels in ``batch["target"]`` and ``batch["seeds"]``.
+    seed_weight
+        Weight of :func:`seed_cross_entropy` at full resolution; 0 or a batch without
+        ``"seeds"`` skips it.
+    batch_dice
+        nnU-Net's ``batch_dice`` (False for 3d_fullres).
+    """
+
+    ignore_label: int
+    seed_weight: float = 1.0
+    batch_dice: bool = False
+
+    def __call__(
+        self, outputs: torch.Tensor | list[torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
+        target = batch["target"]
+        weights = deep_supervision_weights(len(outputs))
+        total = outputs[0].new_zeros(())
+        parts = {}
+        for i, (logits, weight) in enumerate(zip(outputs, weights)):
+            if weight == 0:
+                # keep the head in the graph with zero gradient: DDP requires every parameter used
+                total = total + 0.0 * logits.sum()
+                continue
+            level_target = _resize_nearest(target, logits.shape[2:])
+            level_loss, ce, dice = partial_dice_ce_loss(
+                logits, level_target, self.ignore_label, batch_dice=self.batch_dice
+            )
+            total = total + weight * level_loss
+            if i == 0:
+                parts = {"ce": float(ce.detach()), "dice": float(dice.detach())}
+        seeds = batch.get("seeds")
+        if self.seed_weight > 0 and seeds is not None:
+            seed_term = seed_cross_entropy(outputs[0], seeds, self.ignore_label)
+            total = total + self.seed_weight * seed_term
+            parts["seed"] = float(seed_term.detach())
+        return total, parts

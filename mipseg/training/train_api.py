@@ -1,0 +1,351 @@
+"""``mipseg_train`` as a Python function: train one fold on one label set, export out-of-fold results.
+
+Reads ``preprocessed/DatasetX/{plans.json, splits.json, data/}`` and writes
+``results/DatasetX/{trainer}__{labelset}__3d_fullres/{plans.json, dataset.json, fold_k/}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mipseg import io, paths
+from mipseg.dataset import DatasetSpec
+from mipseg.errors import InputError
+from mipseg.planning.plans import Plans
+from mipseg.training import checkpoint as ckpt
+from mipseg.training import data as data_module
+from mipseg.training import distributed as ddp
+from mipseg.training.fold_inputs import FoldInputs, load_init_weights, parse_fold, resolve_inputs
+from mipseg.training.losses import LossFunction, PartialDiceCELoss
+from mipseg.training.network import build_network
+from mipseg.training.progress import PLOT_INTERVAL_S, log_line, plot_progress
+from mipseg.training.trainer import (
+    TrainingConfig,
+    TrainingState,
+    check_config,
+    make_state,
+    resolve_defaults,
+    resolve_device,
+    restore_state,
+    run_epoch,
+    seed_everything,
+    state_to_checkpoint,
+    unwrap,
+)
+from mipseg.training.validation import export_validation
+
+
+@dataclass(frozen=True)
+class TrainerComponents:
+    """What distinguishes one trainer: its network and its loss (the loop is shared).
+
+    ``build_network(plans, num_input_channels, num_classes, deep_supervision, dropout)`` and
+    ``build_loss(plans, spec, config) -> (outputs, batch) -> (loss, parts)``.
+    """
+
+    name: str
+    build_network: Callable[..., nn.Module]
+    build_loss: Callable[[Plans, DatasetSpec, TrainingConfig], LossFunction]
+
+
+def _plain_loss(plans: Plans, spec: DatasetSpec, config: TrainingConfig) -> LossFunction:
+    return PartialDiceCELoss(ignore_label=spec.ignore_label, seed_weight=config.seed_weight)
+
+
+TRAINERS: dict[str, TrainerComponents] = {
+    "plain": TrainerComponents(
+        "plain",
+        lambda plans, c, k, ds, p: build_network(
+            plans, num_input_channels=c, num_classes=k, deep_supervision=ds, dropout=p
+        ),
+        _plain_loss,
+    )
+}
+
+
+def register_trainer(components: TrainerComponents) -> None:
+    """Make a trainer available to ``--trainer NAME`` (issue 6 registers ``mip``)."""
+    TRAINERS[components.name] = components
+
+
+@contextlib.contextmanager
+def _augmenters(
+    inputs: FoldInputs, config: TrainingConfig, context: ddp.DistributedContext, pin: bool, start_epoch: int
+):
+    plans, spec = inputs.plans, inputs.spec
+    settings = data_module.augmentation_settings(plans.patch_size, plans.mip_axes)
+    crop = data_module.initial_patch_size(plans.patch_size, settings)
+    batch_size = ddp.per_rank_batch_size(plans.batch_size, context)
+    # distinct streams per process, and a resumed run does not replay the batches of epoch 0
+    seed = config.seed + 7919 * context.rank + 100003 * start_epoch
+    # validation needs fewer workers (nnU-Net: half, at least one)
+    val_workers = max(1, config.num_workers // 2) if config.num_workers > 0 else 0
+    loaders = []
+    for cases, transform, patch, workers in (
+        (
+            inputs.train_cases,
+            data_module.training_transforms(plans.patch_size, settings, spec.ignore_label),
+            crop,
+            config.num_workers,
+        ),
+        (inputs.val_cases, data_module.CentreCropTransform(plans.patch_size), plans.patch_size, val_workers),
+    ):
+        loader = data_module.PatchLoader(
+            cases,
+            patch_size=patch,
+            batch_size=batch_size,
+            foreground_labels=spec.foreground_labels,
+            ignore_label=spec.ignore_label,
+            oversample_foreground=config.oversample_foreground,
+            load_seeds=inputs.has_seeds,
+            seed=seed,
+        )
+        loaders.append(
+            data_module.make_augmenter(
+                loader, transform, num_workers=workers, seed=seed + len(loaders), pin_memory=pin
+            )
+        )
+    try:
+        yield loaders[0], loaders[1]
+    finally:
+        for augmenter in loaders:
+            if hasattr(augmenter, "_finish"):
+                augmenter._finish()
+
+
+def train_fold(
+    dataset: str | int,
+    fold: str | int,
+    *,
+    labels: str = "pseudo",
+    trainer: str = "plain",
+    config: TrainingConfig | None = None,
+    continue_training: bool = False,
+    init_from: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Train one fold and export its out-of-fold probabilities; returns ``fold_k``'s folder.
+
+    Parameters
+    ----------
+    dataset
+        Id or name.
+    fold
+        ``0..4`` (train on the fold's training cases, validate on its validation cases) or
+        ``"all"`` (every case; no out-of-fold export).
+    labels
+        Label set name (``dense`` = labelsTr).
+    trainer
+        Registered trainer (:data:`TRAINERS`).
+    config
+        Epochs, iterations, seed, device, ... (:class:`TrainingConfig`).
+    continue_training
+        Resume from ``checkpoint_latest`` (or finish from ``checkpoint_final``).
+    init_from
+        Checkpoint to initialise the weights from (fine-tuning).
+    """
+    if trainer not in TRAINERS:
+        raise InputError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}")
+    if continue_training and init_from is not None:
+        raise InputError("--continue and --init-from exclude each other")
+    fold = parse_fold(fold)
+    config = config or TrainingConfig()
+    check_config(config)
+    device = resolve_device(config.device)
+    context = ddp.init_distributed(device.type)
+    if context.enabled and device.type == "cuda":
+        device = torch.device("cuda", context.local_rank)
+    try:
+        return _train(
+            dataset,
+            fold,
+            labels,
+            TRAINERS[trainer],
+            config,
+            device,
+            context,
+            continue_training,
+            init_from,
+            progress,
+        )
+    finally:
+        ddp.shutdown(context)
+
+
+def _train(
+    dataset, fold, labels, components, config, device, context, continue_training, init_from, progress
+):
+    inputs = resolve_inputs(dataset, fold, labels) if context.is_main else None
+    ddp.barrier(context)
+    if not context.is_main:
+        inputs = resolve_inputs(dataset, fold, labels)
+    model_dir = paths.model_dir(inputs.dataset_name, components.name, labels)
+    fold_dir = model_dir / f"fold_{fold}"
+    log_path = fold_dir / "training_log.txt"
+    resume_from = None
+    if continue_training:
+        for kind in ("final", "latest"):
+            if ckpt.checkpoint_path(fold_dir, kind).is_file():
+                resume_from = ckpt.load_checkpoint(ckpt.checkpoint_path(fold_dir, kind))
+                break
+        if resume_from is not None:
+            stored = TrainingConfig(**resume_from["config"])
+            # the run's settings come from the checkpoint; these may change when resuming
+            overrides = {k: getattr(config, k) for k in ("epochs", "iters_per_epoch", "num_workers")}
+            overrides = {k: v for k, v in overrides.items() if v is not None}
+            config = TrainingConfig(**{**stored.to_json(), **overrides, "device": config.device})
+    config = resolve_defaults(config, device)
+    if context.is_main:
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        inputs.plans.save(model_dir / "plans.json")
+        io.write_json(inputs.dataset_json, model_dir / "dataset.json")
+        if continue_training and resume_from is None:
+            log_line(log_path, "--continue: no checkpoint found, starting from scratch")
+        if resume_from is None:
+            # a fresh run replaces an earlier one: its final/latest must not be resumed by mistake
+            for kind in ("final", "latest"):
+                ckpt.checkpoint_path(fold_dir, kind).unlink(missing_ok=True)
+            log_line(log_path, f"training {components.name} on label set {labels!r}, fold {fold}: {config}")
+    seed_everything(config.seed + context.rank)
+    num_classes, channels = inputs.spec.num_classes, inputs.plans.num_channels
+    network = components.build_network(inputs.plans, channels, num_classes, True, config.dropout)
+    if init_from is not None:
+        skipped = load_init_weights(network, Path(init_from))
+        if context.is_main:
+            log_line(
+                log_path,
+                f"initialised from {init_from}" + (f" (new seg heads: {skipped})" if skipped else ""),
+            )
+    state = make_state(network, config, device)
+    if resume_from is not None:
+        restore_state(state, resume_from)
+        if context.is_main:
+            log_line(log_path, f"resumed at epoch {state.epoch}")
+    if context.enabled:
+        state.network = nn.parallel.DistributedDataParallel(
+            state.network, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    extra = {
+        "trainer": components.name,
+        "labelset": labels,
+        "fold": fold,
+        "plans": inputs.plans.to_json(),
+        "dataset_json": inputs.dataset_json,
+        "num_input_channels": channels,
+        "num_classes": num_classes,
+        "mirror_axes": list(
+            data_module.augmentation_settings(inputs.plans.patch_size, inputs.plans.mip_axes).mirror_axes
+        ),
+    }
+    loss_fn = components.build_loss(inputs.plans, inputs.spec, config)
+    if state.epoch < config.epochs:
+        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress)
+    if context.is_main:
+        final = ckpt.save_checkpoint(
+            state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final")
+        )
+        ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
+        log_line(log_path, f"training done after {state.epoch} epochs: {final.name}")
+        if fold != "all":
+            _final_validation(state, inputs, fold_dir, device, log_path, progress)
+    ddp.barrier(context)
+    return fold_dir
+
+
+def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    config = state.config
+    show = progress and context.is_main
+    plotted_at = 0.0
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with (
+        _augmenters(inputs, config, context, device.type == "cuda", state.epoch) as (
+            train_batches,
+            val_batches,
+        ),
+        Progress(*columns, disable=not show, transient=True) as bar,
+    ):
+        epochs = bar.add_task("epochs", total=config.epochs, completed=state.epoch)
+        iterations = bar.add_task("iterations", total=config.iters_per_epoch)
+        try:
+            while state.epoch < config.epochs:
+                bar.reset(iterations, total=config.iters_per_epoch)
+                result = run_epoch(
+                    state,
+                    train_batches,
+                    val_batches,
+                    loss_fn,
+                    num_classes=inputs.spec.num_classes,
+                    ignore_label=inputs.spec.ignore_label,
+                    has_seeds=inputs.has_seeds,
+                    reduce_counts=lambda counts: ddp.sum_counts(counts, context),
+                    reduce_mean=lambda value: ddp.mean_value(value, context),
+                    on_iteration=lambda i: bar.update(iterations, completed=i + 1),
+                )
+                bar.update(epochs, completed=state.epoch)
+                if context.is_main:
+                    _after_epoch(state, result, extra, fold_dir, log_path)
+                    # plotting takes about a second on CPU: at most every PLOT_INTERVAL_S, and at the end
+                    if time.time() - plotted_at > PLOT_INTERVAL_S or state.epoch >= config.epochs:
+                        plot_progress(state.log, fold_dir / "progress.png")
+                        plotted_at = time.time()
+        except KeyboardInterrupt:
+            if context.is_main:
+                plot_progress(state.log, fold_dir / "progress.png")
+                ckpt.save_checkpoint(
+                    state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest")
+                )
+                log_line(log_path, f"interrupted during epoch {state.epoch}; checkpoint_latest written")
+            raise
+
+
+def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: Path, log_path: Path) -> None:
+    dice = ", ".join(f"{d:.4f}" for d in result["pseudo_dice"])
+    log_line(
+        log_path,
+        f"epoch {result['epoch']}: lr {result['lr']:.6f} train_loss {result['train_loss']:.4f} "
+        f"val_loss {result['val_loss']:.4f} pseudo Dice [{dice}] EMA {result['ema']:.4f} "
+        f"time {result['time']:.1f} s",
+    )
+    if result["new_best"]:
+        ckpt.save_checkpoint(state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "best"))
+        log_line(log_path, f"new best EMA pseudo Dice {result['ema']:.4f}: checkpoint_best written")
+    last = state.epoch >= state.config.epochs
+    if state.epoch % state.config.save_every == 0 and not last:
+        ckpt.save_checkpoint(state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
+
+
+def _final_validation(
+    state, inputs: FoldInputs, fold_dir: Path, device, log_path: Path, progress: bool
+) -> None:
+    from rich.progress import Progress
+
+    network = unwrap(state.network)
+    network.deep_supervision = False
+    case_ids = [c.case_id for c in inputs.val_cases]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("validation", total=len(case_ids))
+        summary = export_validation(
+            network,
+            case_ids,
+            data_dir=inputs.data_dir,
+            labelset_dir=inputs.labelset_dir,
+            dense_dir=inputs.dense_dir,
+            output_dir=fold_dir / "validation",
+            patch_size=inputs.plans.patch_size,
+            device=device,
+            foreground_labels=inputs.spec.foreground_labels,
+            ignore_label=inputs.spec.ignore_label,
+            progress=lambda _case: bar.advance(task),
+        )
+    network.deep_supervision = True
+    log_line(log_path, f"validation of {len(case_ids)} cases: {summary['mean']}")

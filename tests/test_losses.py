@@ -1,0 +1,115 @@
+"""Partial-label losses: ignored voxels contribute nothing, Dice/CE values, DS weights, seed term."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _training_helpers import tiny_plans
+
+from mipseg.training.losses import (
+    PartialDiceCELoss,
+    deep_supervision_weights,
+    partial_cross_entropy,
+    partial_soft_dice,
+    seed_cross_entropy,
+)
+from mipseg.training.network import build_network
+
+IGNORE = 2
+
+
+def _target(shape=(2, 1, 8, 8, 8), seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, 3, shape, generator=generator)  # 0, 1 or ignore (2)
+    return target
+
+
+def test_ignored_voxels_get_exactly_zero_gradient() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 8, 8, 8, requires_grad=True)
+    target = _target()
+    seeds = torch.full_like(target, IGNORE)
+    seeds[0, 0, 1, 1, 1] = 1
+    loss, _ = PartialDiceCELoss(IGNORE, seed_weight=1.0)([logits], {"target": target, "seeds": seeds})
+    loss.backward()
+    ignored = (target[:, 0] == IGNORE) & (seeds[:, 0] == IGNORE)
+    grad_norm = logits.grad.abs().sum(1)
+    assert torch.count_nonzero(grad_norm[ignored]) == 0
+    assert torch.count_nonzero(grad_norm[~ignored]) == (~ignored).sum()
+
+
+def test_partial_losses_equal_the_losses_on_the_labelled_subset() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(1, 2, 6, 6, 6)
+    target = _target((1, 1, 6, 6, 6), seed=1)
+    labelled = target[0, 0] != IGNORE
+    flat_logits = logits[0].permute(1, 2, 3, 0)[labelled]
+    flat_target = target[0, 0][labelled]
+    expected_ce = F.cross_entropy(flat_logits, flat_target)
+    assert torch.isclose(partial_cross_entropy(logits, target, IGNORE), expected_ce)
+    probabilities = torch.softmax(flat_logits, 1)[:, 1]
+    reference = (flat_target == 1).float()
+    expected_dice = (2 * (probabilities * reference).sum() + 1e-5) / (
+        probabilities.sum() + reference.sum() + 1e-5
+    )
+    assert torch.isclose(partial_soft_dice(logits, target, IGNORE), -expected_dice)
+
+
+def test_everything_ignored_gives_zero_loss_and_no_nan() -> None:
+    logits = torch.randn(1, 2, 4, 4, 4, requires_grad=True)
+    target = torch.full((1, 1, 4, 4, 4), IGNORE)
+    loss, parts = PartialDiceCELoss(IGNORE)([logits], {"target": target})
+    loss.backward()
+    assert parts["ce"] == 0.0 and np.isfinite(float(loss.detach()))
+    assert torch.count_nonzero(logits.grad) == 0
+
+
+def test_deep_supervision_weights_match_nnunet() -> None:
+    assert np.allclose(deep_supervision_weights(5), [0.5333, 0.2667, 0.1333, 0.0667, 0.0], atol=1e-4)
+    assert deep_supervision_weights(1) == [1.0]
+
+
+def test_seed_term_is_mean_cross_entropy_over_seeds_only() -> None:
+    logits = torch.zeros(1, 2, 4, 4, 4)
+    logits[0, 1, 0, 0, 0] = 3.0
+    seeds = torch.full((1, 1, 4, 4, 4), IGNORE)
+    seeds[0, 0, 0, 0, 0] = 1
+    seeds[0, 0, 3, 3, 3] = 1
+    expected = (-torch.log_softmax(torch.tensor([0.0, 3.0]), 0)[1] + np.log(2)) / 2
+    assert torch.isclose(seed_cross_entropy(logits, seeds, IGNORE), expected)
+
+
+def test_loss_decreases_on_a_fixed_batch() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    plans = tiny_plans(features=(4, 8), patch_size=(8, 16, 16))
+    network = build_network(plans, num_input_channels=1, num_classes=2)
+    target = torch.full((2, 1, 8, 16, 16), IGNORE)
+    target[:, :, :, 6:10, 6:10] = 1
+    target[:, :, :, :3] = 0
+    image = (target == 1).float() * 2 + 0.3 * torch.randn(2, 1, 8, 16, 16)
+    optimizer = torch.optim.SGD(network.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    loss_fn = PartialDiceCELoss(IGNORE)
+    losses = []
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss, _ = loss_fn(network(image), {"target": target})
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] - 0.3
+
+
+def test_pseudo_dice_counts_only_labelled_voxels_and_poly_lr() -> None:
+    from mipseg.training.trainer import confusion_counts, dice_from_counts, poly_lr
+
+    logits = torch.zeros(1, 2, 1, 1, 4)
+    logits[0, 1, 0, 0, :2] = 1.0  # predicts vessel on voxels 0 and 1
+    target = torch.tensor([1, IGNORE, 0, 1]).view(1, 1, 1, 1, 4)
+    counts = confusion_counts(logits, target, num_classes=2, ignore_label=IGNORE)
+    assert counts.tolist() == [[1, 0, 1]]  # voxel 1 is ignored, so its vessel prediction is no FP
+    assert dice_from_counts(counts) == [2 / 3]
+    assert np.isnan(dice_from_counts(np.zeros((1, 3), dtype=np.int64))[0])
+    assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
