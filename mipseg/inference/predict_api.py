@@ -1,0 +1,367 @@
+"""The prediction stage behind ``mipseg_predict``: find cases, split them, predict, write, report.
+
+Work is pipelined over three threads so that the CPU or GPU never waits for files: a loader
+thread reads and preprocesses the next case while the main thread runs the sliding window on
+the current one (torch releases the GIL during its kernels), and a writer thread resamples the
+previous case back to its raw grid and writes it. A case whose files are missing or unreadable
+is reported at the end; the other cases are still predicted.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mipseg import io
+from mipseg.errors import InputError
+from mipseg.inference import export
+from mipseg.inference.predictor import Predictor, resolve_model_dir
+from mipseg.planning.parallel import progress_bar
+from mipseg.planning.plans import Plans
+from mipseg.planning.preprocessing import preprocess_case
+
+MAX_PENDING_EXPORTS = 2  # finished cases waiting to be written; bounds memory like nnU-Net's export queue
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """The channel files of one case to predict, or why it cannot be predicted."""
+
+    case_id: str
+    files: tuple[Path, ...] = ()
+    problem: str | None = None
+
+
+def _channel_pattern(file_ending: str) -> re.Pattern:
+    return re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(file_ending) + "$")
+
+
+def discover_cases(inputs: Sequence[str | Path], num_channels: int, file_ending: str) -> list[InputCase]:
+    """Group input files into cases, sorted by case id.
+
+    Parameters
+    ----------
+    inputs
+        One folder holding ``{case}_{XXXX}{file_ending}`` files, or a list of files named that
+        way; with one channel a file may also be named ``{case}{ending}`` (any image ending).
+    num_channels
+        Channels every case must have (dataset.json ``channel_names``).
+
+    Returns
+    -------
+    list of InputCase
+        Cases lacking a channel, with unexpected channels or missing files carry a ``problem``.
+
+    Raises
+    ------
+    InputError
+        The input does not exist or holds no case at all.
+    """
+    inputs = [Path(p) for p in inputs]
+    pattern = _channel_pattern(file_ending)
+    if len(inputs) == 1 and not inputs[0].exists():
+        raise InputError(f"{inputs[0]}: no such folder or file")
+    if len(inputs) == 1 and inputs[0].is_dir():
+        files = sorted(p for p in inputs[0].iterdir() if p.is_file() and pattern.match(p.name))
+        source = str(inputs[0])
+        if not files:
+            raise InputError(f"{source}: no files named {{case}}_{{XXXX}}{file_ending} to predict")
+    else:
+        folders = [p for p in inputs if p.is_dir()]
+        if folders:
+            raise InputError(
+                f"-i takes one folder or a list of files, got folder {folders[0]} among several inputs"
+            )
+        files, source = inputs, "input files"
+    channels: dict[str, dict[int, Path]] = {}
+    problems: dict[str, str] = {}
+    for path in files:
+        match = pattern.match(path.name)
+        if match:
+            case_id, channel = match["case"], int(match["channel"])
+        elif num_channels == 1:
+            ending = io.compound_suffix(path)
+            case_id, channel = path.name[: len(path.name) - len(ending)], 0
+        else:
+            raise InputError(
+                f"{path}: not named {{case}}_{{XXXX}}{file_ending}, needed for {num_channels} channels"
+            )
+        channels.setdefault(case_id, {})[channel] = path
+        if not path.is_file():
+            problems.setdefault(case_id, f"{path}: file not found")
+    cases = []
+    for case_id, found in sorted(channels.items()):
+        missing = [c for c in range(num_channels) if c not in found]
+        extra = sorted(set(found) - set(range(num_channels)))
+        problem = problems.get(case_id)
+        if missing:
+            names = ", ".join(f"{case_id}_{c:04d}{file_ending}" for c in missing)
+            problem = f"{source}: case {case_id} lacks channel file(s) {names}"
+        elif extra:
+            problem = f"{source}: case {case_id} has channels {extra}; the model takes {num_channels}"
+        files_of_case = tuple(found[c] for c in range(num_channels)) if problem is None else ()
+        cases.append(InputCase(case_id, files_of_case, problem))
+    return cases
+
+
+def select_part(cases: Sequence[InputCase], num_parts: int, part_id: int) -> list[InputCase]:
+    """Cases of part ``part_id`` of ``num_parts``: ``sorted(cases)[part_id::num_parts]``."""
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id {part_id} --num-parts {num_parts}: need 0 <= part-id < num-parts")
+    return sorted(cases, key=lambda case: case.case_id)[part_id::num_parts]
+
+
+def case_is_done(output_dir: Path, case_id: str, save_probabilities: bool) -> bool:
+    """True if every output of a case exists (files are written atomically, probabilities first)."""
+    done = export.segmentation_path(output_dir, case_id).is_file()
+    return done and (not save_probabilities or export.probabilities_path(output_dir, case_id).is_file())
+
+
+def read_case(files: Sequence[Path]) -> tuple[np.ndarray, io.Geometry]:
+    """All channels of a case as float32 ``(C, Z, Y, X)`` and the geometry of channel 0.
+
+    Raises
+    ------
+    InputError
+        A file is unreadable, or a channel's shape or geometry differs from channel 0.
+    """
+    arrays, geometry = [], None
+    for path in files:
+        array, channel_geometry = io.read_image(path, np.float32)
+        if geometry is None:
+            geometry = channel_geometry
+        elif array.shape != arrays[0].shape or not channel_geometry.matches(geometry):
+            raise InputError(f"{path}: shape or geometry differs from channel 0 ({files[0].name})")
+        arrays.append(array)
+    return np.stack(arrays), geometry
+
+
+def _load_and_preprocess(case: InputCase, plans: Plans) -> tuple[np.ndarray, dict[str, Any]]:
+    images, geometry = read_case(case.files)
+    data, _, properties = preprocess_case(images, geometry, plans)
+    return data, properties
+
+
+def _remove_stale_partials(output_dir: Path, cases: Sequence[InputCase]) -> None:
+    """Delete temporary files a killed run of *these* cases left behind (other parts keep theirs)."""
+    prefixes = tuple(f".{case.case_id}.partial-" for case in cases)
+    for path in output_dir.iterdir():
+        if path.is_file() and path.name.startswith(prefixes):
+            path.unlink(missing_ok=True)
+
+
+def predict_folder(
+    inputs: str | Path | Sequence[str | Path],
+    output: str | Path,
+    dataset: str | int,
+    *,
+    folds: Sequence[str | int] | None = None,
+    labels: str | None = None,
+    trainer: str | None = None,
+    checkpoint: str = "final",
+    step_size: float = 0.5,
+    tta: bool = True,
+    batch_size: int | None = None,
+    save_probabilities: bool = False,
+    postprocess: bool = False,
+    min_component_size: int | None = None,
+    continue_: bool = False,
+    num_parts: int = 1,
+    part_id: int = 0,
+    device: str = "auto",
+    progress: bool = True,
+) -> list[Path]:
+    """Predict every case of ``inputs`` with the fold ensemble of a trained model.
+
+    Parameters
+    ----------
+    inputs
+        A folder with ``{case}_{XXXX}{file_ending}`` files or a list of such files.
+    output
+        Folder for ``{case}.nii.gz`` (input geometry), optional ``{case}.npz`` and the run's
+        ``plans.json``, ``dataset.json``, ``predict_args.json``.
+    dataset
+        Dataset id or name whose model to use.
+    folds, labels, trainer, checkpoint
+        Which model: see :func:`mipseg.inference.predictor.resolve_model_dir` and
+        :func:`~mipseg.inference.predictor.find_folds` for the defaults.
+    step_size, tta, batch_size, device
+        Sliding-window step (fraction of the patch), mirroring, tiles per batch, device.
+    save_probabilities
+        Also write ``{case}.npz`` (key ``probabilities``, float16 ``(K, Z, Y, X)``).
+    postprocess, min_component_size
+        Remove components smaller than ``min_component_size`` voxels (learned if ``None``).
+    continue_
+        Skip cases whose outputs all exist.
+    num_parts, part_id
+        Predict only ``sorted(cases)[part_id::num_parts]``.
+
+    Returns
+    -------
+    list of Path
+        Segmentations of this part (predicted now or found finished with ``continue_``).
+
+    Raises
+    ------
+    InputError
+        Bad arguments or no model (before anything is predicted), or, after all other cases
+        were written, one line per case that could not be predicted.
+    """
+    model_dir = resolve_model_dir(dataset, trainer, labels)
+    output_dir = Path(output)
+    if not 0 < step_size <= 1:
+        raise InputError(f"--step-size {step_size}: must be in (0, 1]")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    predictor = Predictor.from_model_folder(
+        model_dir,
+        folds,
+        checkpoint,
+        use_mirroring=tta,
+        tile_step_size=step_size,
+        batch_size=batch_size,
+        device=device,
+    )
+    spec = predictor.dataset_json
+    input_list = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    cases = discover_cases(input_list, len(spec["channel_names"]), spec["file_ending"])
+    selected = select_part(cases, num_parts, part_id)
+    if postprocess and min_component_size is None:
+        min_component_size = export.learned_min_component_size(
+            model_dir, dataset, model_dir.name.split("__")[1], predictor.plans, predictor.plans.ignore_label
+        )
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(output_dir, selected)
+    args = {
+        "inputs": [str(p) for p in input_list],
+        "dataset": str(dataset),
+        "folds": None if folds is None else [str(f) for f in folds],
+        "labels": labels,
+        "trainer": trainer,
+        "checkpoint": checkpoint,
+        "step_size": step_size,
+        "tta": tta,
+        "batch_size": batch_size,
+        "save_probabilities": save_probabilities,
+        "postprocess": postprocess,
+        "continue": continue_,
+        "num_parts": num_parts,
+        "part_id": part_id,
+        "device": device,
+    }
+    _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
+
+    problems = [f"{case.problem}" for case in selected if case.problem]
+    todo = [case for case in selected if case.problem is None]
+    finished = []
+    if continue_:
+        finished = [c for c in todo if case_is_done(output_dir, c.case_id, save_probabilities)]
+        todo = [c for c in todo if c not in finished]
+        finished = [export.segmentation_path(output_dir, c.case_id) for c in finished]
+    written = _run_pipeline(
+        todo, output_dir, predictor, save_probabilities, min_component_size, problems, progress
+    )
+    if problems:
+        raise InputError([f"{len(problems)} case(s) could not be predicted:"] + problems)
+    return sorted(finished + written)
+
+
+def _write_run_files(
+    output_dir: Path,
+    model_dir: Path,
+    predictor: Predictor,
+    args: dict[str, Any],
+    min_component_size: int | None,
+) -> None:
+    io.write_json(predictor.plans.to_json(), output_dir / "plans.json")
+    io.write_json(predictor.dataset_json, output_dir / "dataset.json")
+    args.update(
+        model_dir=str(model_dir),
+        folds_used=len(predictor.networks),
+        mirror_axes=list(predictor.mirror_axes),
+        batch_size_used=predictor.batch_size,
+        device_used=str(predictor.device),
+        min_component_size=min_component_size,
+        ensembling="mean of per-fold softmax probabilities",
+    )
+    io.write_json(args, output_dir / "predict_args.json")
+
+
+def _run_pipeline(
+    todo: list[InputCase],
+    output_dir: Path,
+    predictor: Predictor,
+    save_probabilities: bool,
+    min_component_size: int | None,
+    problems: list[str],
+    show_progress: bool,
+) -> list[Path]:
+    """Load case i+1 while predicting case i while writing case i-1; append per-case problems."""
+    written: list[Path] = []
+    exports: deque[Future] = deque()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="mipseg-load") as loader,
+        ThreadPoolExecutor(1, thread_name_prefix="mipseg-export") as writer,
+        progress_bar() if show_progress else _NoProgress() as bars,
+    ):
+        cases_bar = bars.add_task("cases", total=len(todo))
+        pending = loader.submit(_load_and_preprocess, todo[0], predictor.plans) if todo else None
+        for index, case in enumerate(todo):
+            current = pending
+            if index + 1 < len(todo):
+                pending = loader.submit(_load_and_preprocess, todo[index + 1], predictor.plans)
+            try:
+                data, properties = current.result()
+            except InputError as error:
+                problems.extend(f"{case.case_id}: {problem}" for problem in error.problems)
+                bars.advance(cases_bar)
+                continue
+            tiles_bar = bars.add_task(f"  {case.case_id}", total=predictor.number_of_tiles(data.shape[1:]))
+            probabilities = predictor.predict_preprocessed(data, lambda n, t=tiles_bar: bars.advance(t, n))
+            bars.remove_task(tiles_bar)
+            exports.append(
+                writer.submit(
+                    export.export_case,
+                    probabilities,
+                    properties,
+                    predictor.plans,
+                    output_dir,
+                    case.case_id,
+                    labels=predictor.dataset_json["labels"],
+                    save_probabilities=save_probabilities,
+                    min_component_size=min_component_size,
+                )
+            )
+            while len(exports) > MAX_PENDING_EXPORTS:
+                written.append(exports.popleft().result())
+            bars.advance(cases_bar)
+        while exports:
+            written.append(exports.popleft().result())
+    return written
+
+
+class _NoProgress:
+    """Stand-in for a rich Progress when progress display is off."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def advance(self, *args: Any) -> None:
+        return None
+
+    def remove_task(self, *args: Any) -> None:
+        return None
