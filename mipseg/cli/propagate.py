@@ -1,0 +1,74 @@
+"""mipseg_propagate: single-slice annotations -> label set "propagated" (or --suggest slices)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from mipseg.cli._common import DatasetOption, DebugOption, SeedOption, make_app, reported_errors
+
+app = make_app(
+    "Propagate single-slice annotations (annotationsTr/{case}_slice{k}.png) through each volume with "
+    "self-supervised inter-slice flows (trained on the dataset's images when it has no flow model), "
+    "or with Demons registration or slice copy; --suggest proposes the slice to annotate instead."
+)
+
+
+@app.command()
+def propagate(
+    dataset: DatasetOption,
+    suggest: Annotated[
+        bool, typer.Option("--suggest", help="Only suggest one slice per case to annotate (writes PNGs).")
+    ] = False,
+    method: Annotated[
+        str, typer.Option("--method", help="Mask transport: flow, registration or copy.")
+    ] = "flow",
+    name: Annotated[
+        str, typer.Option("--name", help="Label set name (folder under labelsets/).")
+    ] = "propagated",
+    iterations: Annotated[
+        int,
+        typer.Option("--iters", "--epochs", help="Training iterations of the flow model (one volume each)."),
+    ] = 300,
+    similarity: Annotated[
+        str, typer.Option("--similarity", help="Reconstruction similarity: mse or ncc.")
+    ] = "mse",
+    continue_training: Annotated[
+        bool, typer.Option("--continue", help="Resume an interrupted flow model training.")
+    ] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the intensity verification of propagated masks.")
+    ] = False,
+    ignore_band: Annotated[
+        int, typer.Option("--ignore-band", help="Pixels around propagated boundaries labelled ignore.")
+    ] = 1,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    seed: SeedOption = 0,
+    debug: DebugOption = False,
+) -> None:
+    """Train flows if needed, then propagate every annotated case (or suggest slices)."""
+    from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset, suggest_slices
+    from mipseg.propagation.train_flow import FlowTrainingSettings
+
+    with reported_errors(debug):
+        flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
+        if suggest:
+            path = suggest_slices(dataset, flow_settings, continue_training=continue_training, device=device)
+            Console().print(f"suggestions written to {path}")
+            return
+        settings = PropagationSettings(method=method, verify=not no_verify, ignore_band=ignore_band)
+        folder = propagate_dataset(
+            dataset,
+            name=name,
+            settings=settings,
+            flow_settings=flow_settings,
+            continue_training=continue_training,
+            device=device,
+        )
+    Console().print(f"label set written to {folder}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,297 @@
+"""Propagating single-slice annotations through a volume, with a stop rule that needs no truth.
+
+A *transport* moves masks from one slice to a neighbouring slice: the learned flows
+(:func:`flow_transport`), slice-to-slice Demons registration or plain copying
+(:mod:`mipseg.propagation.baselines`). Everything else is shared by all methods, so a benchmark
+compares only how masks move:
+
+1. Every class of the annotated slice is propagated on its own, forward and backward
+   (Vol2Flow ``Mask_Propagation``): warp the previous mask, threshold at 0.5.
+2. **Intensity verification** (Vol2Flow ``verification_module``, fixed to test the *target*
+   slice): with ``mu_in`` = mean intensity inside the previous mask and ``mu_ring`` = mean in a
+   5-pixel ring around it, keep warped pixels whose target intensity is closer to ``mu_in``;
+   skipped when the two means do not differ (a neighbour as bright as the organ); then fill
+   holes, close (2 px), fill holes, drop specks.
+3. **Stop rule** (needs no ground truth): stop before slice ``t`` when the verified area falls
+   below ``min_area_fraction`` of the annotated area, when verification rejected more than
+   ``1 - min_kept_fraction`` of the warped mask (the organ ended under it), or when the mean
+   intensity inside the mask leaves the annotated slice's range (``intensity_tolerance``
+   standard deviations).
+4. **Unsure voxels**: an in-plane band of ``ignore_band`` pixels around every propagated
+   boundary and the last mask, dilated, on ``ignore_slices`` slices past each stop.
+
+With several annotated slices, each slice between two annotations is propagated from the
+nearer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from mipseg.propagation.flow_net import FlowNet, split_flows, to_working_grid
+from mipseg.propagation.warping import resize_flow, warp_slice
+
+Transport = Callable[[np.ndarray, int, int], np.ndarray]
+"""``transport(masks (K, H, W) float32 on slice src, src, dst) -> masks (K, H, W) on slice dst``."""
+
+_IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
+_IN_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Thresholds of the ground-truth-free stop rule (see module docstring)."""
+
+    min_area_fraction: float = 0.05
+    min_area_pixels: int = 4
+    min_kept_fraction: float = 0.5
+    intensity_tolerance: float = 3.0
+
+
+@dataclass
+class ClassExtent:
+    """Where one class was propagated: slices ``first .. last`` and why each direction stopped."""
+
+    label: int
+    annotated_slice: int
+    first: int
+    last: int
+    stop_forward: str = ""
+    stop_backward: str = ""
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PropagationResult:
+    """Propagated labels ``(D, H, W)`` int16, unsure voxels ``(D, H, W)`` bool and per-class extents."""
+
+    labels: np.ndarray
+    unsure: np.ndarray
+    extents: list[ClassExtent] = field(default_factory=list)
+
+    def with_ignore(self, ignore_label: int) -> np.ndarray:
+        """Labels with ``ignore_label`` on unsure voxels (the label set written to disk)."""
+        labelled = self.labels.copy()
+        labelled[self.unsure] = ignore_label
+        return labelled
+
+
+@torch.no_grad()
+def predict_flows(
+    model: FlowNet, volume: np.ndarray, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward flows of a normalised volume ``(D, H, W)`` on the network's working grid.
+
+    Returns
+    -------
+    forward, backward : torch.Tensor, shape (D, 2, h, w), CPU, pixels of the working grid
+    """
+    model.eval()
+    grid = to_working_grid(volume, model.config.working_size).to(device)
+    forward, backward = split_flows(model(grid))
+    return forward.cpu(), backward.cpu()
+
+
+def flow_transport(forward: torch.Tensor, backward: torch.Tensor, shape: tuple[int, int]) -> Transport:
+    """Transport masks between neighbouring slices with learned flows ``(D, 2, h, w)``.
+
+    Flows are resized to the raw in-plane ``shape`` one slice at a time, so a large volume never
+    holds full-resolution flows for all slices.
+    """
+
+    def transport(masks: np.ndarray, source: int, target: int) -> np.ndarray:
+        if abs(target - source) != 1:
+            raise ValueError("flow transport moves between neighbouring slices only")
+        flows = forward if target == source + 1 else backward
+        flow = resize_flow(flows[source : source + 1], shape)
+        moved = warp_slice(torch.from_numpy(masks[None].astype(np.float32)), flow, padding_mode="zeros")
+        return moved[0].numpy()
+
+    return transport
+
+
+def verify_intensity(
+    candidate: np.ndarray,
+    previous: np.ndarray,
+    previous_image: np.ndarray,
+    target_image: np.ndarray,
+    ring_width: int = 5,
+) -> np.ndarray:
+    """Keep candidate pixels whose target intensity looks like the inside of the previous mask.
+
+    Parameters
+    ----------
+    candidate : bool (H, W)
+        The warped mask thresholded at 0.5, on the target slice.
+    previous : bool (H, W)
+        The mask on the previous slice.
+    previous_image, target_image : float (H, W)
+        Normalised slices.
+
+    Returns
+    -------
+    bool (H, W)
+    """
+    kept = candidate
+    ring = ndimage.binary_dilation(previous, iterations=ring_width) & ~previous
+    if previous.any() and ring.any():
+        inside, outside = previous_image[previous], previous_image[ring]
+        mean_in, mean_out = float(inside.mean()), float(outside.mean())
+        # A neighbour as bright as the organ makes the test meaningless: skip it then.
+        if abs(mean_in - mean_out) > 0.5 * float(inside.std()) + 1e-3:
+            kept = candidate & (np.abs(target_image - mean_in) <= np.abs(target_image - mean_out))
+    return clean_mask(kept)
+
+
+def clean_mask(mask: np.ndarray, closing: int = 2, min_component_fraction: float = 0.1) -> np.ndarray:
+    """Fill holes, close by ``closing`` px, fill holes, drop components under 10 % of the largest."""
+    if not mask.any():
+        return mask
+    filled = ndimage.binary_fill_holes(mask)
+    padded = np.pad(filled, closing)
+    closed = ndimage.binary_closing(padded, iterations=closing)[closing:-closing, closing:-closing]
+    filled = ndimage.binary_fill_holes(closed | filled)
+    components, count = ndimage.label(filled)
+    if count <= 1:
+        return filled
+    sizes = np.bincount(components.ravel())[1:]
+    big = np.flatnonzero(sizes >= min_component_fraction * sizes.max()) + 1
+    return np.isin(components, big)
+
+
+def stop_reason(
+    kept: np.ndarray,
+    candidate: np.ndarray,
+    target_image: np.ndarray,
+    annotated_area: int,
+    reference: tuple[float, float],
+    rule: StopRule,
+) -> str:
+    """Why propagation must stop before this slice, or ``""`` to go on."""
+    area = int(kept.sum())
+    if area < max(rule.min_area_pixels, rule.min_area_fraction * annotated_area):
+        return "area vanished"
+    if area < rule.min_kept_fraction * int(candidate.sum()):
+        return "intensity verification rejected the mask"
+    mean, std = reference
+    if abs(float(target_image[kept].mean()) - mean) > rule.intensity_tolerance * std:
+        return "intensity left the annotated range"
+    return ""
+
+
+def propagate_slices(
+    image: np.ndarray,
+    annotations: dict[int, np.ndarray],
+    transport: Transport,
+    *,
+    rule: StopRule = StopRule(),
+    verify: bool = True,
+    ignore_band: int = 1,
+    ignore_slices: int = 1,
+) -> PropagationResult:
+    """Propagate annotated slices through a volume.
+
+    Parameters
+    ----------
+    image : float (D, H, W)
+        The volume normalised to [0, 1] (as :func:`~mipseg.propagation.flow_net.normalize_volume`).
+    annotations
+        Slice index along axis 0 -> integer label slice ``(H, W)`` (0 = background).
+    transport
+        Moves masks between neighbouring slices (see :data:`Transport`).
+
+    Returns
+    -------
+    PropagationResult
+    """
+    depth = image.shape[0]
+    labels = np.zeros(image.shape, dtype=np.int16)
+    score = np.zeros(image.shape, dtype=np.float32)
+    unsure = np.zeros(image.shape, dtype=bool)
+    extents: list[ClassExtent] = []
+    ordered = sorted(annotations)
+    for position, index in enumerate(ordered):
+        # Each annotated slice owns the slices closer to it than to any other annotated slice.
+        low = 0 if position == 0 else (ordered[position - 1] + index) // 2 + 1
+        high = depth - 1 if position == len(ordered) - 1 else (index + ordered[position + 1]) // 2
+        annotation = annotations[index]
+        for label in sorted(int(v) for v in np.unique(annotation) if v != 0):
+            mask = annotation == label
+            reference = (float(image[index][mask].mean()), max(float(image[index][mask].std()), 0.02))
+            extent = ClassExtent(label, index, index, index)
+            _assign(labels, score, index, mask, np.ones(mask.shape, np.float32), label)
+            for step, bound in ((1, high), (-1, low)):
+                reached, reason, last_mask = _propagate_direction(
+                    image, mask, index, step, bound, transport, rule, verify, reference
+                )
+                for slice_index, kept, soft in reached:
+                    _assign(labels, score, slice_index, kept, soft, label)
+                end = reached[-1][0] if reached else index
+                if reason != "end of zone":
+                    for k in range(1, ignore_slices + 1):
+                        if low <= end + step * k <= high:
+                            unsure[end + step * k] |= ndimage.binary_dilation(
+                                last_mask, iterations=max(ignore_band, 1)
+                            )
+                if step == 1:
+                    extent.last, extent.stop_forward = end, reason
+                else:
+                    extent.first, extent.stop_backward = end, reason
+            extents.append(extent)
+    if ignore_band > 0:
+        for label in np.unique(labels[labels > 0]):
+            mask = labels == label
+            band = ndimage.binary_dilation(mask, _IN_PLANE, ignore_band) & ~ndimage.binary_erosion(
+                mask, _IN_PLANE, ignore_band
+            )
+            unsure |= band
+    unsure[ordered] = False  # the annotator's slices are certain
+    return PropagationResult(labels, unsure, extents)
+
+
+def _propagate_direction(
+    image: np.ndarray,
+    mask: np.ndarray,
+    index: int,
+    step: int,
+    bound: int,
+    transport: Transport,
+    rule: StopRule,
+    verify: bool,
+    reference: tuple[float, float],
+) -> tuple[list[tuple[int, np.ndarray, np.ndarray]], str, np.ndarray]:
+    """Propagate one class from slice ``index`` in direction ``step`` up to slice ``bound``."""
+    annotated_area = int(mask.sum())
+    previous, current = mask, index
+    reached = []
+    while current != bound:
+        target = current + step
+        soft = transport(previous[None].astype(np.float32), current, target)[0]
+        candidate = soft >= 0.5
+        kept = (
+            verify_intensity(candidate, previous, image[current], image[target])
+            if verify
+            else clean_mask(candidate)
+        )
+        reason = stop_reason(kept, candidate, image[target], annotated_area, reference, rule)
+        if reason:
+            return reached, reason, previous
+        reached.append((target, kept, soft))
+        previous, current = kept, target
+    return reached, "end of zone" if 0 < bound < image.shape[0] - 1 else "end of volume", previous
+
+
+def _assign(
+    labels: np.ndarray, score: np.ndarray, index: int, mask: np.ndarray, soft: np.ndarray, label: int
+) -> None:
+    """Write ``label`` where ``mask`` holds and its warped value beats earlier classes'."""
+    wins = mask & (soft >= score[index])
+    labels[index][wins] = label
+    score[index][wins] = soft[wins]

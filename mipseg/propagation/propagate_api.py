@@ -1,0 +1,294 @@
+"""Stage ``mipseg_propagate``: train the flow model, suggest slices, propagate into a label set.
+
+Files written::
+
+    results/DatasetX/flow__selfsup/          checkpoint_{latest,final}.pt, training_log.txt, progress.png
+    preprocessed/DatasetX/suggested_slices.json           --suggest: case -> slice, errors
+    preprocessed/DatasetX/suggested_slices/{case}_slice{k}.png   what the annotator draws on
+    preprocessed/DatasetX/labelsets/{name}/{case}.nii.gz  raw geometry; labels + ignore on unsure voxels
+    preprocessed/DatasetX/labelsets/{name}/labelset.json  what the values mean, settings
+    preprocessed/DatasetX/labelsets/{name}/report.json    extents, stop reasons, Dice vs labelsTr
+
+The image is used on its raw grid: slices along numpy axis 0 as stored (no resampling along z);
+only the network sees slices resized in-plane to its working grid.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mipseg import io, paths
+from mipseg.dataset import Case, Dataset, load_dataset
+from mipseg.errors import InputError
+from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, registration_transport
+from mipseg.propagation.flow_net import normalize_volume
+from mipseg.propagation.propagate import (
+    StopRule,
+    Transport,
+    flow_transport,
+    predict_flows,
+    propagate_slices,
+)
+from mipseg.propagation.slice_selection import slice_picture, suggest_slice
+from mipseg.propagation.train_flow import (
+    FlowTrainingSettings,
+    flow_model_dir,
+    load_flow_model,
+    load_normalized_image,
+    select_device,
+    train_flow_model,
+)
+
+
+@dataclass(frozen=True)
+class PropagationSettings:
+    """How masks are propagated (the flow model's own settings are :class:`FlowTrainingSettings`)."""
+
+    method: str = "flow"
+    verify: bool = True
+    ignore_band: int = 1
+    ignore_slices: int = 1
+    stop_rule: StopRule = StopRule()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "verify": self.verify,
+            "ignore_band": self.ignore_band,
+            "ignore_slices": self.ignore_slices,
+            "stop_rule": dict(self.stop_rule.__dict__),
+        }
+
+
+def ensure_flow_model(
+    dataset: Dataset,
+    settings: FlowTrainingSettings,
+    *,
+    continue_training: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> Path:
+    """Path of the dataset's trained flow model, training (or resuming) it first when needed.
+
+    A finished model (``checkpoint_final.pt``) is reused as it is. An unfinished one is resumed
+    with ``continue_training``; without it the run stops rather than overwrite it.
+    """
+    settings = fit_working_size(settings, dataset)
+    folder = flow_model_dir(dataset.name)
+    final, latest = folder / "checkpoint_final.pt", folder / "checkpoint_latest.pt"
+    if final.is_file():
+        return final
+    if latest.is_file() and not continue_training:
+        raise InputError(
+            f"{latest}: an unfinished flow model exists; add --continue to resume it, or delete {folder}"
+        )
+    return train_flow_model(
+        dataset, settings, continue_training=continue_training, device=device, show_progress=show_progress
+    )
+
+
+def fit_working_size(settings: FlowTrainingSettings, dataset: Dataset) -> FlowTrainingSettings:
+    """Shrink the network's working grid to the largest image's in-plane size (never upsample).
+
+    Each axis becomes ``min(configured, largest size rounded down to the pooling factor)``.
+    """
+    factor = 2 ** (len(settings.network.features) - 1)
+    largest = np.zeros(2, dtype=int)
+    for case in (*dataset.cases, *dataset.test_cases):
+        shape, _ = io.read_image_header(case.images[0])
+        largest = np.maximum(largest, shape[1:])
+    size = tuple(
+        int(max(factor, min(configured, (extent // factor) * factor)))
+        for configured, extent in zip(settings.network.working_size, largest)
+    )
+    return replace(settings, network=replace(settings.network, working_size=size))
+
+
+def suggest_slices(
+    dataset_id: str | int,
+    settings: FlowTrainingSettings = FlowTrainingSettings(),
+    *,
+    continue_training: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> Path:
+    """Suggest one slice per training case; returns the path of ``suggested_slices.json``."""
+    dataset = load_dataset(dataset_id)
+    checkpoint = ensure_flow_model(
+        dataset, settings, continue_training=continue_training, device=device, show_progress=show_progress
+    )
+    torch_device = select_device(device)
+    model = load_flow_model(checkpoint, torch_device)
+    folder = paths.preprocessed_dataset_dir(dataset.name)
+    suggestions: dict[str, Any] = {}
+    for case in dataset.cases:
+        volume = load_normalized_image(case.images[0])
+        index, errors = suggest_slice(model, volume, torch_device)
+        picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
+        io.write_png(slice_picture(volume, index), picture)
+        suggestions[case.case_id] = {
+            "slice": index,
+            "axis": 0,
+            "annotation_file": f"annotationsTr/{case.case_id}_slice{index}.png",
+            "picture": str(picture.relative_to(folder)),
+            "reconstruction_error": errors,
+        }
+    return io.write_json(
+        {
+            "flow_model": str(checkpoint),
+            "criterion": "lowest chain reconstruction error",
+            "cases": suggestions,
+        },
+        folder / "suggested_slices.json",
+    )
+
+
+def propagate_dataset(
+    dataset_id: str | int,
+    *,
+    name: str = "propagated",
+    settings: PropagationSettings = PropagationSettings(),
+    flow_settings: FlowTrainingSettings = FlowTrainingSettings(),
+    continue_training: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> Path:
+    """Propagate every annotated case of a slice-annotated dataset into label set ``name``.
+
+    Returns
+    -------
+    Path of ``labelsets/{name}``.
+
+    Raises
+    ------
+    InputError
+        Not a slice-annotated dataset, no annotated case, unknown method, bad dataset.
+    """
+    if settings.method not in TRANSPORT_METHODS:
+        raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
+    dataset = load_dataset(dataset_id)
+    if dataset.spec.annotation != "slice":
+        raise InputError(
+            f"{dataset.folder / 'dataset.json'}: annotation is {dataset.spec.annotation!r}; "
+            'propagation needs "annotation": "slice"'
+        )
+    annotated = [case for case in dataset.cases if case.annotations]
+    if not annotated:
+        raise InputError(f"{dataset.folder / 'annotationsTr'}: no {{case}}_slice{{k}}.png annotation found")
+    model, torch_device, checkpoint, training_seconds = None, select_device(device), None, 0.0
+    if settings.method == "flow":
+        began = time.perf_counter()
+        checkpoint = ensure_flow_model(
+            dataset,
+            flow_settings,
+            continue_training=continue_training,
+            device=device,
+            show_progress=show_progress,
+        )
+        training_seconds = time.perf_counter() - began
+        model = load_flow_model(checkpoint, torch_device)
+
+    folder = paths.labelset_dir(dataset.name, name)
+    io.write_json(labelset_description(dataset, name, settings, checkpoint), folder / "labelset.json")
+    entries = []
+    for case in annotated:
+        entries.append(propagate_case(dataset, case, settings, folder, model, torch_device))
+    report = {
+        "method": settings.method,
+        "flow_model": str(checkpoint) if checkpoint else None,
+        "flow_model_seconds": training_seconds,
+        "unannotated_cases": [c.case_id for c in dataset.cases if not c.annotations],
+        "mean_dice": _mean_dice(entries),
+        "cases": entries,
+    }
+    io.write_json(report, folder / "report.json")
+    return folder
+
+
+def labelset_description(
+    dataset: Dataset, name: str, settings: PropagationSettings, checkpoint: Path | None
+) -> dict[str, Any]:
+    """Content of ``labelset.json``: what every value means and how the set was made."""
+    spec = dataset.spec
+    return {
+        "name": name,
+        "dataset": dataset.name,
+        "made_by": "mipseg_propagate (single-slice mask propagation, Flow2Mask-style)",
+        "labels": {**spec.class_labels, "ignore": spec.ignore_label},
+        "ignore": spec.ignore_label,
+        "ignore_means": "propagation unsure: boundary band of propagated masks and slices past a stop",
+        "geometry": "raw image grid",
+        "settings": settings.to_json(),
+        "flow_model": str(checkpoint) if checkpoint else None,
+    }
+
+
+def make_transport(method: str, volume: np.ndarray, model=None, device="cpu") -> Transport:
+    """The mask transport of ``method`` for one normalised volume ``(D, H, W)``."""
+    if method == "flow":
+        forward, backward = predict_flows(model, volume, device)
+        return flow_transport(forward, backward, volume.shape[1:])
+    if method == "registration":
+        return registration_transport(volume)
+    return copy_transport
+
+
+def propagate_case(
+    dataset: Dataset, case: Case, settings: PropagationSettings, folder: Path, model=None, device="cpu"
+) -> dict[str, Any]:
+    """Propagate, write ``{case}.nii.gz`` and return the case's report entry."""
+    began = time.perf_counter()
+    raw, geometry = io.read_image(case.images[0], dtype=np.float32)
+    volume = normalize_volume(raw)
+    annotations = {index: io.read_png(path).astype(np.int16) for index, path in case.annotations.items()}
+    transport = make_transport(settings.method, volume, model, device)
+    result = propagate_slices(
+        volume,
+        annotations,
+        transport,
+        rule=settings.stop_rule,
+        verify=settings.verify,
+        ignore_band=settings.ignore_band,
+        ignore_slices=settings.ignore_slices,
+    )
+    labels = result.with_ignore(dataset.spec.ignore_label)
+    io.write_image(
+        labels.astype(np.uint8 if labels.max() < 256 else np.int16),
+        geometry,
+        folder / f"{case.case_id}.nii.gz",
+    )
+    entry: dict[str, Any] = {
+        "case": case.case_id,
+        "annotated_slices": sorted(annotations),
+        "extents": [extent.to_dict() for extent in result.extents],
+        "unsure_fraction": float(result.unsure.mean()),
+        "seconds": time.perf_counter() - began,
+    }
+    if case.label is not None:
+        truth, _ = io.read_image(case.label)
+        entry["dice"] = dice_per_class(result.labels, truth, dataset.spec.foreground_labels)
+    return entry
+
+
+def dice_per_class(prediction: np.ndarray, truth: np.ndarray, labels: list[int]) -> dict[str, float | None]:
+    """Dice of every label (``None`` where both are empty), on ``(z, y, x)`` maps."""
+    scores: dict[str, float | None] = {}
+    for label in labels:
+        predicted, true = prediction == label, truth == label
+        total = int(predicted.sum()) + int(true.sum())
+        scores[str(label)] = None if total == 0 else 2.0 * float((predicted & true).sum()) / total
+    return scores
+
+
+def _mean_dice(entries: list[dict[str, Any]]) -> dict[str, float]:
+    values: dict[str, list[float]] = {}
+    for entry in entries:
+        for label, score in entry.get("dice", {}).items():
+            if score is not None:
+                values.setdefault(label, []).append(score)
+    return {label: float(np.mean(scores)) for label, scores in values.items()}

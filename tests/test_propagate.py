@@ -1,0 +1,288 @@
+"""Single-slice mask propagation: warping conventions, losses, training/resume, stop rule,
+propagation quality on synthetic organs, deterministic suggestions, the command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from mipseg import io, paths
+from mipseg.propagation import train_flow
+from mipseg.propagation.baselines import copy_transport, demons_flow, registration_transport
+from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume
+from mipseg.propagation.losses import (
+    chain_loss,
+    curriculum_span,
+    inter_slice_smoothness,
+    local_ncc_loss,
+    neighbour_reconstruction_loss,
+)
+from mipseg.propagation.propagate import flow_transport, propagate_slices
+from mipseg.propagation.slice_selection import suggest_slice
+from mipseg.propagation.warping import resize_flow, warp_slice
+
+torch.set_num_threads(1)
+TINY_NET = FlowNetConfig(features=(4, 8, 8), working_size=(32, 32))
+
+
+def translating_organ(depth: int = 24, size: int = 48, shift=(0.75, -0.5), seed: int = 0):
+    """A textured organ phantom that moves by ``shift`` pixels per slice and is an ellipsoid along z.
+
+    A neighbour of about the same brightness touches the organ. Returns the image ``(D, H, W)``,
+    the organ label ``(D, H, W)`` and the exact forward/backward flows ``(D, 2, H, W)``.
+    """
+    rng = np.random.default_rng(seed)
+    extent = 4 * size
+    texture = ndimage.gaussian_filter(rng.normal(size=(extent, extent)), 2.0)
+    texture /= np.abs(texture).max()
+    centre = np.array([extent / 2, extent / 2])
+    rows, cols = np.mgrid[:size, :size].astype(float)
+    image = np.zeros((depth, size, size), np.float32)
+    label = np.zeros((depth, size, size), np.uint8)
+    z_centre, z_half = depth / 2, max(depth / 2 - 4, 0.4 * depth)
+    for z in range(depth):
+        offset = centre - size / 2 - np.asarray(shift) * z  # content moves by +shift per slice
+        y, x = rows + offset[0], cols + offset[1]
+        scale = max(0.0, 1 - ((z - z_centre) / z_half) ** 2) ** 0.5
+        organ = ((y - centre[0]) / 11) ** 2 + ((x - centre[1]) / 8) ** 2 < scale**2
+        neighbour = ((y - centre[0]) / 7) ** 2 + ((x - centre[1] - 14) / 6) ** 2 <= 1
+        tex = texture[np.clip(y.astype(int), 0, extent - 1), np.clip(x.astype(int), 0, extent - 1)]
+        image[z] = 0.3 + 0.05 * tex
+        image[z][neighbour & ~organ] = 0.75 + 0.05 * tex[neighbour & ~organ]
+        image[z][organ] = 0.8 + 0.05 * tex[organ]
+        label[z] = organ
+    forward = np.zeros((depth, 2, size, size), np.float32)
+    forward[:, 0], forward[:, 1] = -shift[0], -shift[1]
+    return image, label, torch.from_numpy(forward), torch.from_numpy(-forward)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+# --- warping conventions -----------------------------------------------------------------------
+
+
+def test_zero_flow_is_identity_and_constant_flow_is_a_shift():
+    image = torch.rand(2, 3, 9, 11)
+    assert torch.allclose(warp_slice(image, torch.zeros(2, 2, 9, 11)), image, atol=1e-6)
+    flow = torch.zeros(2, 2, 9, 11)
+    flow[:, 0], flow[:, 1] = 2.0, -3.0  # output (y, x) samples source (y + 2, x - 3)
+    warped = warp_slice(image, flow, padding_mode="zeros")
+    assert torch.allclose(warped[:, :, :-2, 3:], image[:, :, 2:, :-3], atol=1e-5)
+    assert torch.all(warped[:, :, -2:, :] == 0) and torch.all(warped[:, :, :, :3] == 0)
+    half = torch.zeros(1, 2, 9, 11)
+    half[:, 1] = 0.5
+    row = torch.arange(11.0).expand(1, 1, 9, 11)
+    assert torch.allclose(warp_slice(row, half)[..., :-1], row[..., :-1] + 0.5, atol=1e-5)
+
+
+def test_resized_flow_moves_the_same_physical_distance():
+    flow = torch.zeros(1, 2, 5, 9)
+    flow[:, 0], flow[:, 1] = 1.0, 2.0
+    big = resize_flow(flow, (9, 17))
+    assert torch.allclose(big[:, 0], torch.full((1, 9, 17), 2.0)) and torch.allclose(
+        big[:, 1], torch.full((1, 9, 17), 4.0)
+    )
+
+
+def test_demons_displacement_follows_the_flow_convention():
+    image, _, forward, _ = translating_organ(depth=3, size=48, shift=(2.0, 0.0))
+    flow = demons_flow(image[1], image[0], iterations=100)
+    # slice 1 = slice 0 moved by +2 rows, so slice 1 (y) samples slice 0 at y - 2.
+    assert abs(float(np.median(flow[0][12:36, 12:36])) - float(forward[0, 0, 0, 0])) < 0.5
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def test_losses_and_curriculum():
+    slices = torch.rand(6, 1, 16, 16)
+    assert float(local_ncc_loss(slices, slices)) < 1e-2
+    assert float(local_ncc_loss(slices, torch.rand(6, 1, 16, 16))) > 0.5
+    zero = torch.zeros(6, 2, 16, 16)
+    assert (
+        float(
+            neighbour_reconstruction_loss(
+                slices.expand(6, 1, 16, 16)[:1].repeat(6, 1, 1, 1), zero, zero, "mse"
+            )
+        )
+        < 1e-10
+    )
+    assert float(inter_slice_smoothness(zero + 1.0, zero - 2.0)) == 0
+    ramp = torch.arange(6.0).view(6, 1, 1, 1).expand(6, 2, 16, 16)
+    assert float(inter_slice_smoothness(ramp, ramp)) == pytest.approx(1.0)
+    anchors = torch.tensor([0, 5])
+    assert float(chain_loss(slices, zero, zero, anchors, 5, "mse")) > 0
+    spans = [curriculum_span(i, 100, 20) for i in range(100)]
+    assert spans[0] == 1 and spans[-1] == 19 and spans == sorted(spans)
+
+
+def test_known_flows_reconstruct_the_phantom():
+    image, _, forward, backward = translating_organ(depth=8, size=48)
+    slices = torch.from_numpy(image)[:, None]
+    exact = float(neighbour_reconstruction_loss(slices, forward, backward, "mse"))
+    zero = float(
+        neighbour_reconstruction_loss(slices, torch.zeros_like(forward), torch.zeros_like(forward), "mse")
+    )
+    assert exact < 0.8 * zero
+
+
+# --- propagation and stop rule ---------------------------------------------------------------
+
+
+def test_propagation_with_flows_reaches_dice_and_stops_at_the_true_extent():
+    image, label, forward, backward = translating_organ()
+    middle = image.shape[0] // 2
+    result = propagate_slices(
+        image, {middle: label[middle].astype(np.int16)}, flow_transport(forward, backward, (48, 48))
+    )
+    assert dice(result.labels == 1, label == 1) >= 0.85
+    occupied = np.flatnonzero(label.any(axis=(1, 2)))
+    extent = result.extents[0]
+    assert abs(extent.first - occupied[0]) <= 2 and abs(extent.last - occupied[-1]) <= 2
+    copied = propagate_slices(image, {middle: label[middle].astype(np.int16)}, copy_transport)
+    assert dice(result.labels == 1, label == 1) > dice(copied.labels == 1, label == 1)
+    assert not result.unsure[middle].any() and result.unsure.any()
+    assert set(np.unique(result.with_ignore(2))) <= {0, 1, 2}
+
+
+def test_stop_rule_on_synthetic_organs():
+    from mipseg.synthetic import make_organ_volume, simulate_slice_annotation
+
+    for seed in range(2):
+        raw, label = make_organ_volume((24, 48, 48), (3.0, 1.0, 1.0), np.random.default_rng(seed))
+        image = normalize_volume(raw)
+        index, annotation = simulate_slice_annotation(label, "middle")
+        result = propagate_slices(image, {index: annotation.astype(np.int16)}, registration_transport(image))
+        occupied = np.flatnonzero(label.any(axis=(1, 2)))
+        extent = result.extents[0]
+        assert abs(extent.first - occupied[0]) <= 2 and abs(extent.last - occupied[-1]) <= 2
+        assert dice(result.labels == 1, label == 1) >= 0.85
+
+
+def test_two_classes_and_two_annotated_slices():
+    image, label, forward, backward = translating_organ()
+    annotation = label.astype(np.int16)
+    annotation[:, :, :20] *= 2  # left part of the organ becomes class 2
+    result = propagate_slices(
+        image, {9: annotation[9], 14: annotation[14]}, flow_transport(forward, backward, (48, 48))
+    )
+    assert set(np.unique(result.labels)) == {0, 1, 2}
+    assert {e.annotated_slice for e in result.extents} == {9, 14}
+    assert np.array_equal(result.labels[9], annotation[9]) and np.array_equal(
+        result.labels[14], annotation[14]
+    )
+
+
+# --- training, resume, suggestion -------------------------------------------------------------
+
+
+def test_flow_training_lowers_the_loss_with_mse_and_ncc():
+    image, *_ = translating_organ(depth=8, size=32, shift=(1.5, -1.0))
+    slices = torch.from_numpy(image)[:, None]
+    for similarity in ("mse", "ncc"):
+        torch.manual_seed(0)
+        settings = train_flow.FlowTrainingSettings(
+            iterations=10, similarity=similarity, learning_rate=1e-2, network=TINY_NET
+        )
+        model = FlowNet(TINY_NET)
+        optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
+        anchors = torch.tensor([2, 7])
+        first, _ = train_flow.training_step_loss(model, slices, anchors, 1, settings)
+        for _ in range(settings.iterations):
+            loss, _ = train_flow.training_step_loss(model, slices, anchors, 1, settings)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        last, _ = train_flow.training_step_loss(model, slices, anchors, 1, settings)
+        assert float(last.detach()) < 0.95 * float(first.detach()), similarity
+
+
+@pytest.fixture
+def organ_dataset(data_roots):
+    from mipseg.synthetic import synthesize_dataset
+
+    synthesize_dataset(
+        991,
+        "organs",
+        num_cases=2,
+        num_test_cases=0,
+        shape=(16, 32, 32),
+        spacing=(3.0, 1.0, 1.0),
+        show_progress=False,
+    )
+    return 991
+
+
+def test_interrupted_training_resumes_to_the_same_weights(organ_dataset, monkeypatch):
+    from mipseg.dataset import load_dataset
+
+    dataset = load_dataset(organ_dataset)
+    settings = train_flow.FlowTrainingSettings(
+        iterations=4, save_every=2, anchors_per_iteration=1, max_depth=8, network=TINY_NET
+    )
+    straight = torch.load(
+        train_flow.train_flow_model(dataset, settings, show_progress=False), weights_only=False
+    )
+    folder = train_flow.flow_model_dir(organ_dataset)
+    for path in folder.iterdir():
+        path.unlink()
+    step, calls = train_flow.training_step_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(train_flow, "training_step_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_flow.train_flow_model(dataset, settings, show_progress=False)
+    assert torch.load(folder / "checkpoint_latest.pt", weights_only=False)["iteration"] == 2
+    monkeypatch.setattr(train_flow, "training_step_loss", step)
+    resumed = torch.load(
+        train_flow.train_flow_model(dataset, settings, continue_training=True, show_progress=False),
+        weights_only=False,
+    )
+    for name, weights in straight["network_weights"].items():
+        assert torch.allclose(weights, resumed["network_weights"][name]), name
+    assert (folder / "training_log.txt").read_text().count("\n") == 5 and (folder / "progress.png").is_file()
+
+
+def test_suggestions_are_deterministic(organ_dataset):
+    from mipseg.propagation.propagate_api import suggest_slices
+
+    settings = train_flow.FlowTrainingSettings(iterations=2, max_depth=8, network=TINY_NET)
+    first = io.read_json(suggest_slices(organ_dataset, settings, device="cpu", show_progress=False))
+    second = io.read_json(suggest_slices(organ_dataset, settings, device="cpu", show_progress=False))
+    assert first == second and len(first["cases"]) == 2
+    model = train_flow.load_flow_model(train_flow.flow_model_dir(organ_dataset) / "checkpoint_final.pt")
+    volume = np.random.default_rng(0).random((12, 32, 32)).astype(np.float32)
+    assert suggest_slice(model, volume) == suggest_slice(model, volume)
+
+
+def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
+    from typer.testing import CliRunner
+
+    from mipseg.cli.propagate import app
+
+    runner = CliRunner()
+    for method, name in (("flow", "propagated"), ("copy", "copied")):
+        outcome = runner.invoke(
+            app, ["-d", str(organ_dataset), "--method", method, "--name", name, "--iters", "3"]
+        )
+        assert outcome.exit_code == 0, outcome.output
+        folder = paths.labelset_dir(organ_dataset, name)
+        report = json.loads((folder / "report.json").read_text())
+        assert report["method"] == method and len(report["cases"]) == 2
+        assert report["mean_dice"]["1"] > 0.6, report["mean_dice"]
+        labels, geometry = io.read_image(folder / "organs_000.nii.gz")
+        assert labels.shape == (16, 32, 32) and geometry.spacing_zyx == (3.0, 1.0, 1.0)
+        assert set(np.unique(labels)) <= {0, 1, 2}
+    bad = runner.invoke(app, ["-d", str(organ_dataset), "--method", "magic"])
+    assert bad.exit_code == 2 and "--method magic" in bad.output
