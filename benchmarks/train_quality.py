@@ -25,6 +25,7 @@ import argparse
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -111,6 +112,9 @@ def main() -> None:
     require_stages()
 
     work = args.workdir.resolve()
+    # a scratch folder: stale preprocessed label sets of an earlier run at another shape would fail the plan
+    for stale in ("preprocessed", "results", "predictions_pseudo", "predictions_dense"):
+        shutil.rmtree(work / stale, ignore_errors=True)
     env = {
         **os.environ,
         "MIPSEG_RAW": str(work / "raw"),

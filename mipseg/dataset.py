@@ -137,9 +137,8 @@ def parse_dataset_json(data: Any, source: str = "dataset.json") -> tuple[Dataset
     if not isinstance(data, dict):
         return None, [f"{source}: expected a JSON object, found {type(data).__name__}"]
     problems = [f"{source}: missing key {key!r}" for key in REQUIRED_KEYS if key not in data]
-    if problems:
-        return None, problems
-    channels, labels = data["channel_names"], data["labels"]
+    # check the keys that are there too, so one run lists every problem of the file
+    channels, labels = data.get("channel_names", {"0": "?"}), data.get("labels", {"background": 0})
     if not isinstance(channels, dict) or not channels:
         problems.append(f'{source}: \'channel_names\' must be a non-empty object like {{"0": "CT"}}')
     elif sorted(channels) != [str(i) for i in range(len(channels))]:
@@ -162,11 +161,10 @@ def parse_dataset_json(data: Any, source: str = "dataset.json") -> tuple[Dataset
             problems.append(
                 f"{source}: 'ignore' must be max label + 1 = {values[-1] + 1}, found {labels['ignore']}"
             )
-    if not isinstance(data["numTraining"], int) or data["numTraining"] < 0:
-        problems.append(
-            f"{source}: 'numTraining' must be a non-negative integer, found {data['numTraining']!r}"
-        )
-    ending = data["file_ending"]
+    num_training = data.get("numTraining", 0)
+    if not isinstance(num_training, int) or isinstance(num_training, bool) or num_training < 0:
+        problems.append(f"{source}: 'numTraining' must be a non-negative integer, found {num_training!r}")
+    ending = data.get("file_ending", io.IMAGE_ENDINGS[0])
     if not isinstance(ending, str) or ending.lower() not in io.IMAGE_ENDINGS:
         problems.append(f"{source}: 'file_ending' {ending!r} is not one of {', '.join(io.IMAGE_ENDINGS)}")
     annotation = data.get("annotation")

@@ -228,3 +228,16 @@ def test_slice_annotation_outside_volume(data_roots: dict[str, Path]) -> None:
 def test_missing_dataset_folder(data_roots: dict[str, Path]) -> None:
     code, output = run_validate("-d", "Dataset901_Nothing")
     assert code == 2 and "dataset folder not found" in output
+
+
+def test_every_problem_of_a_dataset_json_is_reported_at_once(data_roots: dict[str, Path]) -> None:
+    folder = make_dataset(data_roots["raw"], mode="mip")
+    spec = json.loads((folder / "dataset.json").read_text())
+    del spec["file_ending"]
+    spec["labels"] = {"background": 0, "vessel": 2}
+    spec["numTraining"] = -1
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    code, output = run_validate("-d", "900")
+    assert code == 2
+    for expected in ("missing key 'file_ending'", "label values must be consecutive", "'numTraining'"):
+        assert expected in output
