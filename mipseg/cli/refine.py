@@ -53,7 +53,13 @@ def refine(
             "--cl-method", help="confident_joint (vectorized, same result) or cleanlab (find_label_issues)."
         ),
     ] = "confident_joint",
-    trainer: Annotated[str, typer.Option("--trainer", help="Trainer whose fold models are used.")] = "plain",
+    trainer: Annotated[
+        str,
+        typer.Option(
+            "--trainer",
+            help="Trainer whose fold models are used; auto = mip for MIP-annotated datasets, else plain.",
+        ),
+    ] = "auto",
     checkpoint: Annotated[
         str, typer.Option("--checkpoint", help="final (uses the exported validation) or best.")
     ] = "final",

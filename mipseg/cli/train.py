@@ -25,8 +25,13 @@ def train(
         str, typer.Option("--labels", help="Label set: pseudo, dense (labelsTr), or any labelsets/ name.")
     ] = "pseudo",
     trainer: Annotated[
-        str, typer.Option("--trainer", help="Network + loss: plain (mip: issue 6).")
-    ] = "plain",
+        str,
+        typer.Option(
+            "--trainer",
+            help="Network + loss: plain, mip (projection losses + 2D MIP branch), or auto "
+            "(mip when dataset.json's annotation is 'mip', else plain).",
+        ),
+    ] = "auto",
     epochs: Annotated[
         int | None, typer.Option("--epochs", help="Epochs (default 1000 on CUDA, 100 on CPU).", min=1)
     ] = None,
@@ -60,10 +65,27 @@ def train(
     save_every: Annotated[
         int, typer.Option("--save-every", help="Write checkpoint_latest every N epochs.")
     ] = 10,
+    mip_3d_weight: Annotated[
+        float, typer.Option("--mip-3d-weight", help="mip trainer: weight of L_3D-MIP (0 = off).", min=0)
+    ] = 1.0,
+    mip_2d_weight: Annotated[
+        float,
+        typer.Option("--mip-2d-weight", help="mip trainer: weight of L_MIP, the 2D branch's loss.", min=0),
+    ] = 1.0,
+    mip_projection: Annotated[
+        str,
+        typer.Option(
+            "--mip-projection", help="mip trainer: 'gather' (at the depth index) or 'max' (along the ray)."
+        ),
+    ] = "gather",
+    mip_branch: Annotated[
+        bool, typer.Option("--mip-branch/--no-mip-branch", help="mip trainer: build the 2D MIP branch.")
+    ] = True,
     seed: SeedOption = 0,
     debug: DebugOption = False,
 ) -> None:
     """Train fold -f of dataset -d on label set --labels."""
+    from mipseg.training.mip_losses import MipSettings
     from mipseg.training.train_api import train_fold
     from mipseg.training.trainer import TrainingConfig
 
@@ -88,6 +110,7 @@ def train(
             config=config,
             continue_training=resume,
             init_from=init_from,
+            mip_settings=MipSettings(mip_3d_weight, mip_2d_weight, mip_branch, mip_projection),
         )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         Console().print(f"model written to {fold_dir}", highlight=False, soft_wrap=True)

@@ -33,6 +33,8 @@ from batchgenerators.transforms.noise_transforms import GaussianBlurTransform, G
 from batchgenerators.transforms.resample_transforms import SimulateLowResolutionTransform
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
+from mipseg.training.mip_data import ray_channels
+
 SCALE_RANGE = (0.7, 1.4)
 MAX_LOCATIONS_PER_CLASS = 10000
 
@@ -54,6 +56,8 @@ class TrainingCase:
     locations
         Optional ``{case}_locations.npz`` of the planner (``str(label)`` and ``"annotated"`` ->
         ``(N, 3)`` voxels); computed from the label when absent.
+    mip_targets
+        Optional ``data/mip_targets/{case}.npz`` of the MIP trainer (:mod:`mipseg.training.mip_data`).
     """
 
     case_id: str
@@ -61,6 +65,7 @@ class TrainingCase:
     label: Path
     seeds: Path | None = None
     locations: Path | None = None
+    mip_targets: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -151,7 +156,9 @@ class PatchLoader(DataLoader):
 
     Each batch is ``{"data": (B, C, *crop), "seg": (B, S, *crop), "keys": [...]}`` with
     ``crop = initial patch size`` (the spatial transform cuts the final patch); ``S`` is 1, or 2
-    when seeds are loaded. Sample ``j`` of a batch is forced onto a foreground voxel iff
+    when seeds are loaded, plus two per axis of ``mip_axes`` (ray annotation, brightest-voxel
+    marker: :func:`mipseg.training.mip_data.ray_channels`). Sample ``j`` of a batch is forced onto
+    a foreground voxel iff
     ``j >= round(B * (1 - oversample_foreground))`` (nnU-Net). Other samples are centred on a
     random labelled voxel when the case has unlabelled voxels (nnU-Net's ignore-label rule),
     else placed uniformly. All randomness comes from ``np.random`` so augmenter worker seeds
@@ -169,6 +176,7 @@ class PatchLoader(DataLoader):
         oversample_foreground: float = 0.33,
         load_seeds: bool = False,
         seed: int = 0,
+        mip_axes: Sequence[int] = (),
     ) -> None:
         super().__init__(list(cases), batch_size, 1, None, infinite=True, shuffle=False)
         self.patch_size = [int(p) for p in patch_size]
@@ -176,6 +184,7 @@ class PatchLoader(DataLoader):
         self.ignore_label = int(ignore_label)
         self.oversample_foreground = oversample_foreground
         self.load_seeds = load_seeds
+        self.mip_axes = tuple(int(a) for a in mip_axes)
         self.indices = list(range(len(cases)))
         rng = np.random.default_rng(seed)
         self.locations = [self._load_locations(case, rng) for case in cases]
@@ -242,6 +251,11 @@ class PatchLoader(DataLoader):
                     )
                 else:
                     channels.append(np.full_like(channels[0], self.ignore_label))
+            if self.mip_axes:
+                with np.load(case.mip_targets) as targets:
+                    channels.append(
+                        ray_channels(targets, self.mip_axes, bbox, image.shape[1:], self.ignore_label)
+                    )
             seg.append(np.concatenate(channels, axis=0))
             keys.append(case.case_id)
         return {

@@ -21,7 +21,7 @@ import re
 import shutil
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +143,10 @@ def refine_labelset(
         raise InputError(problems)
     torch_device = resolve_device(device)
     loaded = load_dataset(dataset, read_voxels=False)
+    if settings.trainer == "auto":  # as mipseg_train's default: mip for MIP-annotated datasets
+        from mipseg.training.train_api import resolve_trainer_name
+
+        settings = replace(settings, trainer=resolve_trainer_name(loaded.name, "auto"))
     preprocessed = paths.preprocessed_dataset_dir(loaded.name)
     plans = load_plans(preprocessed / "plans.json")
     source_dir = paths.labelset_dir(loaded.name, labels)

@@ -25,6 +25,9 @@ from mipseg.training import data as data_module
 from mipseg.training import distributed as ddp
 from mipseg.training.fold_inputs import FoldInputs, load_init_weights, parse_fold, resolve_inputs
 from mipseg.training.losses import LossFunction, PartialDiceCELoss
+from mipseg.training.mip_branch import build_mip_network, join_checkpoint, split_checkpoint
+from mipseg.training.mip_data import attach_mip_targets
+from mipseg.training.mip_losses import MipProjectionLoss, MipSettings
 from mipseg.training.network import build_network
 from mipseg.training.progress import PLOT_INTERVAL_S, log_line, plot_progress
 from mipseg.training.trainer import (
@@ -72,13 +75,67 @@ TRAINERS: dict[str, TrainerComponents] = {
 
 
 def register_trainer(components: TrainerComponents) -> None:
-    """Make a trainer available to ``--trainer NAME`` (issue 6 registers ``mip``)."""
+    """Make a trainer available to ``--trainer NAME``."""
     TRAINERS[components.name] = components
+
+
+def mip_axes_of(plans: Plans, spec: DatasetSpec) -> tuple[int, ...]:
+    """The MIP axes the mip trainer supervises: the plans', else dataset.json's."""
+    return tuple(int(a) for a in (plans.mip_axes or spec.mip_axes))
+
+
+def mip_trainer(settings: MipSettings, axes: tuple[int, ...] | None = None) -> TrainerComponents:
+    """The ``mip`` trainer: 3D U-Net (+ 2D branch per MIP axis) and the projection losses.
+
+    ``axes``: the MIP axes (default: the plans').
+    """
+
+    def network(plans, c, k, ds, p):
+        return build_mip_network(
+            plans,
+            num_input_channels=c,
+            num_classes=k,
+            deep_supervision=ds,
+            dropout=p,
+            axes=tuple(plans.mip_axes) if axes is None else axes,
+            branch=settings.branch,
+        )
+
+    def loss(plans: Plans, spec: DatasetSpec, config: TrainingConfig) -> LossFunction:
+        base = PartialDiceCELoss(ignore_label=spec.ignore_label, seed_weight=config.seed_weight)
+        used = mip_axes_of(plans, spec) if axes is None else axes
+        return MipProjectionLoss(base, used, settings, spec.ignore_label)
+
+    return TrainerComponents("mip", network, loss)
+
+
+register_trainer(mip_trainer(MipSettings()))
+
+
+def resolve_trainer_name(dataset: str | int, trainer: str) -> str:
+    """``auto`` -> ``mip`` for MIP-annotated datasets, else ``plain``.
+
+    MIP-annotated: dataset.json's ``annotation`` is ``mip`` and every training case has its
+    annotation PNG on every ``mip_axes`` axis (the projection losses need them).
+    """
+    if trainer != "auto":
+        return trainer
+    from mipseg.dataset import load_dataset
+
+    loaded = load_dataset(dataset, read_voxels=False)
+    axes = loaded.spec.mip_axes
+    annotated = all(all(a in case.annotations for a in axes) for case in loaded.cases)
+    return "mip" if loaded.spec.annotation == "mip" and loaded.cases and annotated else "plain"
 
 
 @contextlib.contextmanager
 def _augmenters(
-    inputs: FoldInputs, config: TrainingConfig, context: ddp.DistributedContext, pin: bool, start_epoch: int
+    inputs: FoldInputs,
+    config: TrainingConfig,
+    context: ddp.DistributedContext,
+    pin: bool,
+    start_epoch: int,
+    mip_axes: tuple[int, ...] = (),
 ):
     plans, spec = inputs.plans, inputs.spec
     settings = data_module.augmentation_settings(plans.patch_size, plans.mip_axes)
@@ -107,6 +164,7 @@ def _augmenters(
             oversample_foreground=config.oversample_foreground,
             load_seeds=inputs.has_seeds,
             seed=seed,
+            mip_axes=mip_axes,
         )
         loaders.append(
             data_module.make_augmenter(
@@ -131,6 +189,7 @@ def train_fold(
     continue_training: bool = False,
     init_from: str | Path | None = None,
     progress: bool = True,
+    mip_settings: MipSettings | None = None,
 ) -> Path:
     """Train one fold and export its out-of-fold probabilities; returns ``fold_k``'s folder.
 
@@ -144,14 +203,19 @@ def train_fold(
     labels
         Label set name (``dense`` = labelsTr).
     trainer
-        Registered trainer (:data:`TRAINERS`).
+        Registered trainer (:data:`TRAINERS`), or ``auto``: ``mip`` for MIP-annotated datasets,
+        else ``plain``.
     config
         Epochs, iterations, seed, device, ... (:class:`TrainingConfig`).
     continue_training
         Resume from ``checkpoint_latest`` (or finish from ``checkpoint_final``).
     init_from
         Checkpoint to initialise the weights from (fine-tuning).
+    mip_settings
+        Loss weights, projection variant and branch switch of the ``mip`` trainer (default: the
+        published ones; a resumed run keeps its checkpoint's).
     """
+    trainer = resolve_trainer_name(dataset, trainer)
     if trainer not in TRAINERS:
         raise InputError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}")
     if continue_training and init_from is not None:
@@ -159,6 +223,8 @@ def train_fold(
     fold = parse_fold(fold)
     config = config or TrainingConfig()
     check_config(config)
+    if mip_settings is not None and mip_settings.problems():
+        raise InputError(mip_settings.problems())
     device = resolve_device(config.device)
     context = ddp.init_distributed(device.type)
     if context.enabled and device.type == "cuda":
@@ -175,13 +241,47 @@ def train_fold(
             continue_training,
             init_from,
             progress,
+            mip_settings,
         )
     finally:
         ddp.shutdown(context)
 
 
+def _prepare_mip(inputs: FoldInputs, settings: MipSettings) -> tuple[TrainerComponents, tuple[int, ...]]:
+    """The mip trainer's components for this dataset; its cases get their ray targets."""
+    axes = mip_axes_of(inputs.plans, inputs.spec)
+    if inputs.spec.annotation != "mip" or not axes:
+        raise InputError(
+            f"trainer 'mip' needs a MIP-annotated dataset (dataset.json annotation 'mip'); "
+            f"{inputs.dataset_name} has {inputs.spec.annotation!r}: use --trainer plain"
+        )
+    inputs.train_cases, inputs.val_cases = attach_mip_targets(
+        inputs.dataset_name, inputs.data_dir, inputs.train_cases, inputs.val_cases, axes
+    )
+    return mip_trainer(settings, axes), axes
+
+
+def _checkpoint(state: TrainingState, extra: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint dict; a MIP training network stores only its 3D U-Net as ``network_weights``."""
+    return split_checkpoint(unwrap(state.network), state_to_checkpoint(state, extra))
+
+
+def _restore(state: TrainingState, checkpoint: dict[str, Any]) -> None:
+    restore_state(state, join_checkpoint(unwrap(state.network), checkpoint))
+
+
 def _train(
-    dataset, fold, labels, components, config, device, context, continue_training, init_from, progress
+    dataset,
+    fold,
+    labels,
+    components,
+    config,
+    device,
+    context,
+    continue_training,
+    init_from,
+    progress,
+    mip_settings=None,
 ):
     inputs = resolve_inputs(dataset, fold, labels) if context.is_main else None
     ddp.barrier(context)
@@ -202,7 +302,13 @@ def _train(
             overrides = {k: getattr(config, k) for k in ("epochs", "iters_per_epoch", "num_workers")}
             overrides = {k: v for k, v in overrides.items() if v is not None}
             config = TrainingConfig(**{**stored.to_json(), **overrides, "device": config.device})
+            if resume_from.get("mip_settings"):
+                mip_settings = MipSettings(**resume_from["mip_settings"])
     config = resolve_defaults(config, device)
+    mip_axes: tuple[int, ...] = ()
+    if components.name == "mip":
+        mip_settings = mip_settings or MipSettings()
+        components, mip_axes = _prepare_mip(inputs, mip_settings)
     if context.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
         inputs.plans.save(model_dir / "plans.json")
@@ -218,7 +324,7 @@ def _train(
     num_classes, channels = inputs.spec.num_classes, inputs.plans.num_channels
     network = components.build_network(inputs.plans, channels, num_classes, True, config.dropout)
     if init_from is not None:
-        skipped = load_init_weights(network, Path(init_from))
+        skipped = load_init_weights(getattr(network, "network3d", network), Path(init_from))
         if context.is_main:
             log_line(
                 log_path,
@@ -226,7 +332,7 @@ def _train(
             )
     state = make_state(network, config, device)
     if resume_from is not None:
-        restore_state(state, resume_from)
+        _restore(state, resume_from)
         if context.is_main:
             log_line(log_path, f"resumed at epoch {state.epoch}")
     if context.enabled:
@@ -245,13 +351,14 @@ def _train(
             data_module.augmentation_settings(inputs.plans.patch_size, inputs.plans.mip_axes).mirror_axes
         ),
     }
+    if components.name == "mip":
+        extra["mip_settings"] = mip_settings.to_json()
+        extra["mip_axes"] = list(mip_axes)
     loss_fn = components.build_loss(inputs.plans, inputs.spec, config)
     if state.epoch < config.epochs:
-        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress)
+        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes)
     if context.is_main:
-        final = ckpt.save_checkpoint(
-            state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final")
-        )
+        final = ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final"))
         ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
         log_line(log_path, f"training done after {state.epoch} epochs: {final.name}")
         if fold != "all":
@@ -260,7 +367,7 @@ def _train(
     return fold_dir
 
 
-def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress):
+def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes=()):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     config = state.config
@@ -268,7 +375,7 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, pr
     plotted_at = 0.0
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
-        _augmenters(inputs, config, context, device.type == "cuda", state.epoch) as (
+        _augmenters(inputs, config, context, device.type == "cuda", state.epoch, mip_axes) as (
             train_batches,
             val_batches,
         ),
@@ -301,9 +408,7 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, pr
         except KeyboardInterrupt:
             if context.is_main:
                 plot_progress(state.log, fold_dir / "progress.png")
-                ckpt.save_checkpoint(
-                    state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest")
-                )
+                ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
                 log_line(log_path, f"interrupted during epoch {state.epoch}; checkpoint_latest written")
             raise
 
@@ -317,11 +422,11 @@ def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: 
         f"time {result['time']:.1f} s",
     )
     if result["new_best"]:
-        ckpt.save_checkpoint(state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "best"))
+        ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "best"))
         log_line(log_path, f"new best EMA pseudo Dice {result['ema']:.4f}: checkpoint_best written")
     last = state.epoch >= state.config.epochs
     if state.epoch % state.config.save_every == 0 and not last:
-        ckpt.save_checkpoint(state_to_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
+        ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
 
 
 def _final_validation(
@@ -330,6 +435,7 @@ def _final_validation(
     from rich.progress import Progress
 
     network = unwrap(state.network)
+    network = getattr(network, "network3d", network)  # prediction runs the 3D network alone
     network.deep_supervision = False
     case_ids = [c.case_id for c in inputs.val_cases]
     with Progress(disable=not progress, transient=True) as bar:

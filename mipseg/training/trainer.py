@@ -164,9 +164,10 @@ def make_state(network: nn.Module, config: TrainingConfig, device: torch.device)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, has_seeds: bool) -> dict[str, torch.Tensor]:
-    """numpy batch from the augmenter -> tensors: ``data``, ``target`` and optionally ``seeds``.
+    """numpy batch from the augmenter -> tensors: ``data``, ``target``, optionally ``seeds``, ``mip``.
 
-    ``seg`` channel 0 is the label set, channel 1 (when loaded) the seeds.
+    ``seg`` channel 0 is the label set, channel 1 (when loaded) the seeds, any further channels
+    the MIP trainer's ray channels (``mip``).
     """
     seg = torch.as_tensor(np.asarray(batch["seg"]), dtype=torch.long)
     tensors = {
@@ -175,6 +176,9 @@ def to_device(batch: dict[str, Any], device: torch.device, has_seeds: bool) -> d
     }
     if has_seeds and seg.shape[1] > 1:
         tensors["seeds"] = seg[:, 1:2].to(device, non_blocking=True)
+    first_mip = 2 if has_seeds else 1
+    if seg.shape[1] > first_mip:  # the MIP trainer's ray channels (mipseg.training.mip_data)
+        tensors["mip"] = seg[:, first_mip:].to(device, non_blocking=True)
     return tensors
 
 
