@@ -4,8 +4,10 @@ For every source volume set (synthetic organs, ``../shared/data/abdomen_ct_small
 ``abdomen_mr_small``), the flow model is trained self-supervised on the images (no labels),
 then every organ is propagated on its own from (a) the suggested slice (if the organ is on it)
 and (b) the organ's largest-area slice, with each method, through the same verification and
-stop rule. Prints and writes a JSON table of 3D Dice per organ, plus training and propagation
-wall time.
+stop rule. Methods: ``flow`` (network flows + label-free per-volume optimisation, the default),
+``flow_net`` (the network's flows alone), ``registration`` (Demons), ``copy``. Prints and
+writes a JSON table of 3D Dice per organ (and flow minus registration), plus training and
+propagation wall time.
 
     .venv/bin/python benchmarks/propagate_quality.py --iters 300 --out propagate_quality.json
 
@@ -25,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mipseg.propagation.instance_optimization import InstanceOptimization
+
 ORGANS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
-METHODS = ("flow", "registration", "copy")
+METHODS = ("flow", "flow_net", "registration", "copy")
 
 
 def write_real_dataset(raw_root: Path, dataset_id: int, name: str, image_path: Path) -> None:
@@ -54,9 +58,11 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 
 def evaluate_volume(
-    volume: np.ndarray, organ_masks: dict[str, np.ndarray], model, suggested: int
+    volume: np.ndarray, organ_masks: dict[str, np.ndarray], model, suggested: int, refinement
 ) -> list[dict]:
     """Dice of every organ, method and starting slice on one normalised volume."""
+    from dataclasses import replace
+
     from mipseg.propagation.propagate import propagate_slices
     from mipseg.propagation.propagate_api import make_transport
 
@@ -64,7 +70,12 @@ def evaluate_volume(
     transports = {}
     for method in METHODS:
         began = time.perf_counter()
-        transports[method] = make_transport(method, volume, model)
+        if method == "flow_net":
+            transports[method] = make_transport(
+                "flow", volume, model, "cpu", replace(refinement, iterations=0)
+            )
+        else:
+            transports[method] = make_transport(method, volume, model, "cpu", refinement)
         rows_before = len(rows)
         for organ, truth in organ_masks.items():
             area = truth.sum(axis=(1, 2))
@@ -96,6 +107,7 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     """Train the flow model on a dataset folder and evaluate every volume."""
     from mipseg.dataset import load_dataset
     from mipseg.propagation.flow_net import normalize_volume
+    from mipseg.propagation.instance_optimization import InstanceOptimization
     from mipseg.propagation.propagate_api import ensure_flow_model
     from mipseg.propagation.slice_selection import suggest_slice
     from mipseg.propagation.train_flow import FlowTrainingSettings, load_flow_model
@@ -103,20 +115,36 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     dataset = load_dataset(dataset_id)
     settings = FlowTrainingSettings(iterations=args.iters, similarity=args.similarity, seed=args.seed)
     began = time.perf_counter()
-    checkpoint = ensure_flow_model(dataset, settings, device="cpu", show_progress=False)
-    training_seconds = time.perf_counter() - began
+    if name in args.checkpoints:  # trained earlier (its own training time is in its log)
+        checkpoint = Path(args.checkpoints[name])
+        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
+        training_seconds = float(sum(entry["seconds"] for entry in log))
+    else:
+        checkpoint = ensure_flow_model(dataset, settings, device="cpu", show_progress=False)
+        training_seconds = time.perf_counter() - began
     model = load_flow_model(checkpoint)
+    refinement = InstanceOptimization(iterations=args.refine_iters, max_size=args.refine_size)
     rows = []
     for case_name, image, organ_masks in volumes_and_truth:
         volume = normalize_volume(image)
         suggested, _ = suggest_slice(model, volume)
-        for row in evaluate_volume(volume, organ_masks, model, suggested):
+        for row in evaluate_volume(volume, organ_masks, model, suggested, refinement):
             rows.append({"source": name, "case": case_name, "suggested_slice": suggested, **row})
-    return {"source": name, "training_seconds": training_seconds, "iterations": args.iters, "rows": rows}
+    return {
+        "source": name,
+        "training_seconds": training_seconds,
+        "iterations": args.iters,
+        "refinement": refinement.to_json(),
+        "rows": rows,
+    }
 
 
 def summarize(results: list[dict]) -> str:
-    lines = [f"{'source':<16}{'organ':<14}{'start':<10}" + "".join(f"{m:>14}" for m in METHODS)]
+    lines = [
+        f"{'source':<18}{'organ':<14}{'start':<10}"
+        + "".join(f"{m:>14}" for m in METHODS)
+        + f"{'flow - reg':>12}"
+    ]
     for result in results:
         keys = sorted({(r["organ"], r["start"]) for r in result["rows"]})
         for organ, start in keys:
@@ -129,10 +157,20 @@ def summarize(results: list[dict]) -> str:
                 ]
                 means.append(np.nanmean(values))
             lines.append(
-                f"{result['source']:<16}{organ:<14}{start:<10}" + "".join(f"{v:>14.3f}" for v in means)
+                f"{result['source']:<18}{organ:<14}{start:<10}"
+                + "".join(f"{v:>14.3f}" for v in means)
+                + f"{means[0] - means[METHODS.index('registration')]:>+12.3f}"
             )
+        seconds = {
+            m: np.mean([r["method_seconds_volume"] for r in result["rows"] if r["method"] == m])
+            for m in METHODS
+        }
         lines.append(
-            f"{result['source']:<16}flow training {result['training_seconds']:.0f} s "
+            f"{result['source']:<18}propagation s/volume (all organs, both starts): "
+            + ", ".join(f"{m} {v:.1f}" for m, v in seconds.items())
+        )
+        lines.append(
+            f"{result['source']:<18}flow training {result['training_seconds']:.0f} s "
             f"({result['iterations']} iterations)"
         )
     return "\n".join(lines)
@@ -144,6 +182,15 @@ def main() -> None:
     )
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--similarity", default="mse")
+    parser.add_argument("--refine-iters", type=int, default=InstanceOptimization.iterations)
+    parser.add_argument("--refine-size", type=int, default=InstanceOptimization.max_size)
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="SOURCE=PATH: reuse an already trained flow model for a source instead of training",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-cases", type=int, default=3)
     parser.add_argument("--sources", nargs="+", default=["synthetic", "abdomen_ct_small", "abdomen_mr_small"])
@@ -154,6 +201,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("propagate_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    args.checkpoints = dict(str(item).split("=", 1) for item in args.checkpoint)
 
     from mipseg import io
     from mipseg.synthetic import synthesize_dataset

@@ -14,6 +14,12 @@ from mipseg import io, paths
 from mipseg.propagation import train_flow
 from mipseg.propagation.baselines import copy_transport, demons_flow, registration_transport
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume
+from mipseg.propagation.instance_optimization import (
+    InstanceOptimization,
+    neighbour_loss,
+    optimize_flows,
+    refinement_size,
+)
 from mipseg.propagation.losses import (
     chain_loss,
     curriculum_span,
@@ -22,7 +28,7 @@ from mipseg.propagation.losses import (
     neighbour_reconstruction_loss,
 )
 from mipseg.propagation.propagate import flow_transport, propagate_slices
-from mipseg.propagation.slice_selection import suggest_slice
+from mipseg.propagation.slice_selection import candidate_slices, suggest_slice
 from mipseg.propagation.warping import resize_flow, warp_slice
 
 torch.set_num_threads(1)
@@ -165,6 +171,39 @@ def test_stop_rule_on_synthetic_organs():
         assert dice(result.labels == 1, label == 1) >= 0.85
 
 
+def test_instance_optimisation_learns_flows_that_propagate_synthetic_organs():
+    from mipseg.synthetic import make_organ_volume, simulate_slice_annotation
+
+    assert refinement_size((101, 122), 128) == (101, 122) and refinement_size((512, 256), 128) == (128, 64)
+    settings = InstanceOptimization(iterations=25)
+    for seed in (1,):  # one organ keeps the file fast; the stop-rule test covers two
+        raw, label = make_organ_volume((24, 48, 48), (3.0, 1.0, 1.0), np.random.default_rng(seed))
+        image = normalize_volume(raw)
+        zero = torch.zeros(24, 2, 16, 16)  # a coarse starting grid, as the network's
+        forward, backward = optimize_flows(image, zero, zero, settings)
+        assert forward.shape == (24, 2, 48, 48)
+        slices = torch.from_numpy(image)[:, None]
+        still = torch.zeros_like(forward)
+        assert float(neighbour_loss(slices, forward, backward, settings)) < float(
+            neighbour_loss(slices, still, still, settings)
+        )
+        index, annotation = simulate_slice_annotation(label, "middle")
+        result = propagate_slices(
+            image, {index: annotation.astype(np.int16)}, flow_transport(forward, backward, (48, 48))
+        )
+        occupied = np.flatnonzero(label.any(axis=(1, 2)))
+        extent = result.extents[0]
+        assert abs(extent.first - occupied[0]) <= 2 and abs(extent.last - occupied[-1]) <= 2
+        assert dice(result.labels == 1, label == 1) >= 0.85
+
+
+def test_suggestion_candidates_lie_in_the_central_body():
+    volume = np.zeros((40, 16, 16), np.float32)
+    volume[5:35, 2:14, 2:14] = 0.5  # body on slices 5..34
+    candidates = candidate_slices(volume)
+    assert candidates.min() >= 15 and candidates.max() <= 24 and 20 in candidates
+
+
 def test_two_classes_and_two_annotated_slices():
     image, label, forward, backward = translating_organ()
     annotation = label.astype(np.int16)
@@ -274,7 +313,19 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     runner = CliRunner()
     for method, name in (("flow", "propagated"), ("copy", "copied")):
         outcome = runner.invoke(
-            app, ["-d", str(organ_dataset), "--method", method, "--name", name, "--iters", "3"]
+            app,
+            [
+                "-d",
+                str(organ_dataset),
+                "--method",
+                method,
+                "--name",
+                name,
+                "--iters",
+                "3",
+                "--refine-iters",
+                "10",
+            ],
         )
         assert outcome.exit_code == 0, outcome.output
         folder = paths.labelset_dir(organ_dataset, name)
@@ -286,3 +337,5 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
         assert set(np.unique(labels)) <= {0, 1, 2}
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--method", "magic"])
     assert bad.exit_code == 2 and "--method magic" in bad.output
+    bad = runner.invoke(app, ["-d", str(organ_dataset), "--refine-iters", "-1"])
+    assert bad.exit_code == 2 and "--refine-iters -1" in bad.output

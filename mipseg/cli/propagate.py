@@ -44,11 +44,22 @@ def propagate(
     ignore_band: Annotated[
         int, typer.Option("--ignore-band", help="Pixels around propagated boundaries labelled ignore.")
     ] = 1,
+    refine_iters: Annotated[
+        int,
+        typer.Option(
+            "--refine-iters",
+            help="Label-free per-volume optimisation steps of the flows on the finer grid (0 = off).",
+        ),
+    ] = 50,
+    refine_size: Annotated[
+        int, typer.Option("--refine-size", help="Largest in-plane size (pixels) of the per-volume flows.")
+    ] = 128,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     seed: SeedOption = 0,
     debug: DebugOption = False,
 ) -> None:
     """Train flows if needed, then propagate every annotated case (or suggest slices)."""
+    from mipseg.propagation.instance_optimization import InstanceOptimization
     from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset, suggest_slices
     from mipseg.propagation.train_flow import FlowTrainingSettings
 
@@ -58,7 +69,10 @@ def propagate(
             path = suggest_slices(dataset, flow_settings, continue_training=continue_training, device=device)
             Console().print(f"suggestions written to {path}")
             return
-        settings = PropagationSettings(method=method, verify=not no_verify, ignore_band=ignore_band)
+        refinement = InstanceOptimization(iterations=refine_iters, max_size=refine_size, seed=seed)
+        settings = PropagationSettings(
+            method=method, verify=not no_verify, ignore_band=ignore_band, refinement=refinement
+        )
         folder = propagate_dataset(
             dataset,
             name=name,

@@ -27,6 +27,7 @@ from mipseg.dataset import Case, Dataset, load_dataset
 from mipseg.errors import InputError
 from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, registration_transport
 from mipseg.propagation.flow_net import normalize_volume
+from mipseg.propagation.instance_optimization import InstanceOptimization, optimize_flows
 from mipseg.propagation.propagate import (
     StopRule,
     Transport,
@@ -54,10 +55,12 @@ class PropagationSettings:
     ignore_band: int = 1
     ignore_slices: int = 1
     stop_rule: StopRule = StopRule()
+    refinement: InstanceOptimization = InstanceOptimization()
 
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "refinement": self.refinement.to_json() if self.method == "flow" else None,
             "verify": self.verify,
             "ignore_band": self.ignore_band,
             "ignore_slices": self.ignore_slices,
@@ -141,7 +144,7 @@ def suggest_slices(
     return io.write_json(
         {
             "flow_model": str(checkpoint),
-            "criterion": "lowest chain reconstruction error",
+            "criterion": "lowest chain-length-weighted reconstruction error, central half of the body",
             "cases": suggestions,
         },
         folder / "suggested_slices.json",
@@ -171,6 +174,11 @@ def propagate_dataset(
     """
     if settings.method not in TRANSPORT_METHODS:
         raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
+    if settings.refinement.iterations < 0 or settings.refinement.max_size < 2:
+        raise InputError(
+            f"--refine-iters {settings.refinement.iterations} / --refine-size "
+            f"{settings.refinement.max_size}: need at least 0 steps and 2 pixels"
+        )
     dataset = load_dataset(dataset_id)
     if dataset.spec.annotation != "slice":
         raise InputError(
@@ -228,10 +236,20 @@ def labelset_description(
     }
 
 
-def make_transport(method: str, volume: np.ndarray, model=None, device="cpu") -> Transport:
-    """The mask transport of ``method`` for one normalised volume ``(D, H, W)``."""
+def make_transport(
+    method: str,
+    volume: np.ndarray,
+    model=None,
+    device="cpu",
+    refinement: InstanceOptimization = InstanceOptimization(),
+) -> Transport:
+    """The mask transport of ``method`` for one normalised volume ``(D, H, W)``.
+
+    ``flow``: the network's flows, then optimised on this volume (``refinement``; label-free).
+    """
     if method == "flow":
         forward, backward = predict_flows(model, volume, device)
+        forward, backward = optimize_flows(volume, forward, backward, refinement, device)
         return flow_transport(forward, backward, volume.shape[1:])
     if method == "registration":
         return registration_transport(volume)
@@ -246,7 +264,7 @@ def propagate_case(
     raw, geometry = io.read_image(case.images[0], dtype=np.float32)
     volume = normalize_volume(raw)
     annotations = {index: io.read_png(path).astype(np.int16) for index, path in case.annotations.items()}
-    transport = make_transport(settings.method, volume, model, device)
+    transport = make_transport(settings.method, volume, model, device, settings.refinement)
     result = propagate_slices(
         volume,
         annotations,

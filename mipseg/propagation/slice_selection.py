@@ -3,10 +3,13 @@
 Without labels, a slice is *representative* when the rest of the volume can be reached from it:
 starting at candidate slice ``k``, the slices are reconstructed by sequential warping through the
 chain of learned flows (as in training), forward to the last slice and backward to the first,
-and the mean squared error against the true slices is the candidate's score. The candidate with
-the lowest error wins (ties: the lower index), so the suggestion is deterministic. Only slices
-holding at least half the body area of the fullest slice are candidates, which keeps the
-suggestion away from near-empty end slices.
+and the squared error against the true slices, weighted by the chain length (the number of
+warping steps from ``k``, because a mask drifts more the longer its chain), is the candidate's
+score. The candidate with the lowest score wins (ties: the lower index), so the suggestion is
+deterministic. Candidates are the slices holding at least half the body area of the fullest
+slice and lying in the central 15 % of the body's extent along the axis: an annotation near an
+end of the volume catches organs at their small edge cross-sections, from which propagation is
+poor (measured: documentation/propagate.md).
 """
 
 from __future__ import annotations
@@ -20,14 +23,25 @@ from mipseg.propagation.warping import warp_slice
 
 BODY_THRESHOLD = 0.05
 MIN_BODY_FRACTION = 0.5
+CENTRAL_FRACTION = 0.15
 
 
 def candidate_slices(volume: np.ndarray) -> np.ndarray:
-    """Indices of slices whose body area (pixels above 0.05 of [0, 1]) is at least half the maximum."""
+    """Slices with at least half the maximum body area (pixels above 0.05 of [0, 1]), central half only.
+
+    The central half is the middle ``CENTRAL_FRACTION`` of the range from the first to the last
+    slice with any body; when no slice qualifies, every slice of the range is a candidate.
+    """
     area = (volume > BODY_THRESHOLD).sum(axis=(1, 2))
     if area.max() == 0:
         return np.arange(volume.shape[0])
-    return np.flatnonzero(area >= MIN_BODY_FRACTION * area.max())
+    body = np.flatnonzero(area > 0)
+    centre, half = 0.5 * (body[0] + body[-1]), 0.5 * CENTRAL_FRACTION * (body[-1] - body[0])
+    indices = np.arange(volume.shape[0])
+    central = np.abs(indices - centre) <= max(half, 0.5)
+    full = area >= MIN_BODY_FRACTION * area.max()
+    chosen = np.flatnonzero(central & full)
+    return chosen if chosen.size else np.flatnonzero(central)
 
 
 @torch.no_grad()
@@ -44,7 +58,8 @@ def chain_reconstruction_errors(
 
     Returns
     -------
-    np.ndarray, shape (A,), float64: error summed over all reached slices divided by ``D - 1``.
+    np.ndarray, shape (A,), float64: over all reached slices, the mean squared error times the
+    chain length (steps from the anchor), summed and divided by ``D - 1``.
     """
     depth = slices.shape[0]
     anchor_index = torch.from_numpy(np.asarray(anchors, dtype=np.int64))
@@ -59,7 +74,7 @@ def chain_reconstruction_errors(
                 break
             current = warp_slice(current, flows[source.clamp(0, depth - 1)])
             error = (current - slices[target.clamp(0, depth - 1)]).pow(2).mean(dim=(1, 2, 3)).double()
-            total += torch.where(inside, error, torch.zeros_like(error))
+            total += torch.where(inside, (step + 1) * error, torch.zeros_like(error))
     return (total / max(depth - 1, 1)).numpy()
 
 
@@ -73,7 +88,7 @@ def suggest_slice(
     index : int
         Slice index along axis 0.
     errors : dict
-        Candidate slice -> chain reconstruction error (lower is better).
+        Candidate slice -> chain-length-weighted reconstruction error (lower is better).
     """
     forward, backward = predict_flows(model, volume, device)
     slices = to_working_grid(volume, model.config.working_size)[0].permute(1, 0, 2, 3)

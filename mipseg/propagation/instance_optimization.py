@@ -1,0 +1,164 @@
+"""Per-volume instance optimisation of the learned flows (label-free test-time adaptation).
+
+The network predicts flows on its coarse working grid (default 64 x 64) from what it learned on
+the whole dataset. Before a volume is propagated, its flows are upsampled to a finer in-plane
+grid (the raw grid, scaled down to at most ``max_size`` pixels per axis) and optimised directly
+on that one volume with the same self-supervised objective as training, so no label is read:
+
+    L = local reconstruction (every slice from each neighbour)
+        + w_iss * inter-slice smoothness + w_smooth * in-plane smoothness
+
+This is Vol2Flow-style instance optimisation applied to the flow fields rather than the network
+weights: it costs a few seconds per volume instead of a retraining, and it recovers the boundary
+detail the coarse grid cannot represent. The network's flows are both the starting point and,
+through ISS, a regulariser that ties neighbouring slice pairs together (which slice-pair
+registration lacks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mipseg.propagation.losses import (
+    SIMILARITIES,
+    chain_reconstruction,
+    in_plane_smoothness,
+    inter_slice_smoothness,
+    local_ncc_loss,
+)
+from mipseg.propagation.warping import resize_flow, warp_slice
+
+
+@dataclass(frozen=True)
+class InstanceOptimization:
+    """Settings of :func:`optimize_flows`; ``iterations = 0`` turns the optimisation off.
+
+    Attributes
+    ----------
+    iterations, learning_rate
+        Adam steps on the flow fields and their step size (pixels of the refinement grid).
+    max_size
+        Largest in-plane size of the refinement grid (memory: slices x 4 x size^2 floats, ~20x).
+    similarity, ncc_window
+        ``"ncc"`` (local NCC over ``ncc_window`` pixels) or ``"mse"``.
+    iss_weight, smooth_weight
+        Inter-slice and in-plane smoothness weights.
+    chain_weight, chain_span, chain_anchors, seed
+        Optional global (chain) L2G term from ``chain_anchors`` random anchors (drawn from
+        ``seed``) over ``chain_span`` warps; off by default (it lowered Dice on CT).
+    Defaults were chosen on abdomen_ct_small (documentation/propagate.md).
+    """
+
+    iterations: int = 50
+    max_size: int = 128
+    learning_rate: float = 0.1
+    similarity: str = "ncc"
+    ncc_window: int = 17
+    iss_weight: float = 0.1
+    smooth_weight: float = 0.1
+    chain_weight: float = 0.0
+    chain_span: int = 8
+    chain_anchors: int = 4
+    seed: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _dissimilarity(prediction: torch.Tensor, target: torch.Tensor, settings: InstanceOptimization):
+    if settings.similarity == "ncc":
+        return local_ncc_loss(prediction, target, settings.ncc_window)
+    return F.mse_loss(prediction, target)
+
+
+def neighbour_loss(
+    slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, settings: InstanceOptimization
+) -> torch.Tensor:
+    """Every slice ``(D, 1, H, W)`` reconstructed from each neighbour by flows ``(D, 2, H, W)``."""
+    from_previous = warp_slice(slices[:-1], forward[:-1])
+    from_next = warp_slice(slices[1:], backward[1:])
+    return 0.5 * (
+        _dissimilarity(from_previous, slices[1:], settings) + _dissimilarity(from_next, slices[:-1], settings)
+    )
+
+
+def chain_term(
+    slices: torch.Tensor,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    anchors: torch.Tensor,
+    settings: InstanceOptimization,
+) -> torch.Tensor:
+    """Global L2G term: slices reconstructed from ``anchors`` through up to ``chain_span`` warps."""
+    span = min(settings.chain_span, slices.shape[0] - 1)
+    predictions, targets, valid = chain_reconstruction(slices, forward, backward, anchors, span)
+    keep = valid.flatten()
+    if not bool(keep.any()):
+        return slices.sum() * 0.0
+    return _dissimilarity(predictions.flatten(0, 1)[keep], targets.flatten(0, 1)[keep], settings)
+
+
+def refinement_size(shape: tuple[int, int], max_size: int) -> tuple[int, int]:
+    """In-plane grid ``(rows, columns)`` of the optimisation: ``shape`` scaled down to fit ``max_size``."""
+    scale = min(1.0, max_size / max(shape))
+    return tuple(max(2, int(round(extent * scale))) for extent in shape)
+
+
+def optimize_flows(
+    volume: np.ndarray,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    settings: InstanceOptimization = InstanceOptimization(),
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Optimise one volume's flows on a finer in-plane grid, starting from the network's flows.
+
+    Parameters
+    ----------
+    volume : np.ndarray, shape (D, H, W)
+        The volume normalised to [0, 1].
+    forward, backward : torch.Tensor, shape (D, 2, h, w)
+        The network's flows on its working grid (pixels of that grid).
+
+    Returns
+    -------
+    forward, backward : torch.Tensor, shape (D, 2, H', W'), CPU
+        Optimised flows in pixels of the refinement grid ``refinement_size((H, W), max_size)``;
+        :func:`~mipseg.propagation.propagate.flow_transport` resizes them to the raw grid.
+    """
+    if settings.similarity not in SIMILARITIES:
+        raise ValueError(f"unknown similarity {settings.similarity!r}; choose one of {SIMILARITIES}")
+    size = refinement_size(volume.shape[1:], settings.max_size)
+    if settings.iterations <= 0 or volume.shape[0] < 2:
+        return resize_flow(forward, size), resize_flow(backward, size)
+    slices = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None].to(device)
+    slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=True)
+    # Optimised as one tensor (D, 4, H', W') so Adam treats both directions alike.
+    flows = torch.cat((resize_flow(forward, size), resize_flow(backward, size)), dim=1).to(device)
+    flows = flows.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([flows], lr=settings.learning_rate)
+    generator = torch.Generator().manual_seed(settings.seed)  # chain anchors: deterministic
+    with torch.enable_grad():
+        for _ in range(settings.iterations):
+            fwd, bwd = flows[:, 0:2], flows[:, 2:4]
+            loss = (
+                neighbour_loss(slices, fwd, bwd, settings)
+                + settings.iss_weight * inter_slice_smoothness(fwd, bwd)
+                + settings.smooth_weight
+                * 0.5
+                * (in_plane_smoothness(fwd[:-1]) + in_plane_smoothness(bwd[1:]))
+            )
+            if settings.chain_weight > 0:
+                anchors = torch.randint(0, slices.shape[0], (settings.chain_anchors,), generator=generator)
+                loss = loss + settings.chain_weight * chain_term(
+                    slices, fwd, bwd, anchors.to(device), settings
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    flows = flows.detach().cpu()
+    return flows[:, 0:2].contiguous(), flows[:, 2:4].contiguous()
