@@ -14,9 +14,18 @@ and reports Dice, clDice and recall of the vessel label against the synthetic de
 configuration has its own results root (the mip variants share a trainer name). Training
 processes are limited to ``--threads`` torch threads. Results go to ``WORKDIR/mip_ablation.json``.
 
+``--source aorta_cemra`` replaces the synthetic data with the real MRA in ``../shared/data``: the
+image is the single training case, its z-MIP annotation is simulated from the bifurcation label
+(a MIP pixel is vessel where the brightest voxel of its ray is labelled, as in
+``pseudolabel_quality.py``), the training image itself is predicted (weak supervision: the dense
+label is never used in training) and scored inside the label's bounding box grown by ``--margin``
+voxels, because only the bifurcation segment is labelled.
+
 Usage::
 
     python benchmarks/mip_ablation.py --workdir /tmp/mip_ablation --epochs 6 --iters-per-epoch 25
+    python benchmarks/mip_ablation.py --workdir /tmp/mip_aorta --source aorta_cemra \\
+        --configs plain 3d_mip branch all --epochs 6 --iters-per-epoch 25 --skip-step-timing
 """
 
 from __future__ import annotations
@@ -33,6 +42,9 @@ from pathlib import Path
 import numpy as np
 
 DATASET_ID = 961
+AORTA_DATASET_ID = 962
+AORTA_CASE = "aorta"
+DEFAULT_AORTA = Path(__file__).resolve().parents[2] / "shared" / "data" / "aorta_cemra.nii.gz"
 CONFIGS: dict[str, list[str]] = {
     "plain": ["--trainer", "plain"],
     "3d_mip": ["--trainer", "mip", "--no-mip-branch", "--mip-2d-weight", "0"],
@@ -74,6 +86,56 @@ def evaluate_folder(predictions: Path, truths: list[Path]) -> dict[str, float]:
         case_metrics(io.read_image(predictions / t.name)[0] == 1, io.read_image(t)[0] == 1) for t in truths
     ]
     return {k: float(np.nanmean([v[k] for v in values])) for k in values[0]}
+
+
+def write_aorta_dataset(raw_root: Path, image_path: Path, label_path: Path) -> Path:
+    """Raw MIP dataset of one case: the MRA and its simulated z-MIP annotation (no labelsTr).
+
+    The annotation lies on the MIP grid of the raw image along axis 0, shape ``(y, x)``: a pixel
+    is vessel where the brightest voxel of its ray belongs to the bifurcation label. Returns the
+    dataset folder.
+    """
+    from mipseg import io, paths
+    from mipseg.planning.mip import maximum_intensity_projection
+
+    image, geometry = io.read_image(image_path, dtype=np.float32)
+    truth = io.read_image(label_path)[0] > 0
+    _, depth = maximum_intensity_projection(image, 0)
+    annotation = np.take_along_axis(truth, depth[None].astype(np.intp), 0)[0]
+    folder = raw_root / paths.dataset_folder_name(AORTA_DATASET_ID, "AortaCemra")
+    shutil.rmtree(folder, ignore_errors=True)
+    io.write_image(image, geometry, folder / "imagesTr" / f"{AORTA_CASE}_0000.nii.gz")
+    io.write_png(annotation.astype(np.uint8), folder / "annotationsTr" / f"{AORTA_CASE}_mip0.png")
+    io.write_json(
+        {
+            "channel_names": {"0": "MRA"},
+            "labels": {"background": 0, "vessel": 1},
+            "numTraining": 1,
+            "file_ending": ".nii.gz",
+            "annotation": "mip",
+            "mip_axes": [0],
+            "source": {"image": image_path.name, "annotation": f"simulated from {label_path.name}"},
+        },
+        folder / "dataset.json",
+    )
+    return folder
+
+
+def evaluate_in_segment(prediction_path: Path, label_path: Path, margin: int) -> dict[str, float]:
+    """:func:`case_metrics` inside the label's bounding box grown by ``margin`` voxels per side."""
+    from mipseg import io
+
+    truth = io.read_image(label_path)[0] > 0
+    box = label_box(truth, margin)
+    return case_metrics(io.read_image(prediction_path)[0][box] == 1, truth[box])
+
+
+def label_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Bounding box of ``mask`` (z, y, x) grown by ``margin`` voxels and clipped to the array."""
+    from scipy import ndimage
+
+    box = ndimage.find_objects(mask.astype(np.uint8))[0]
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n)) for s, n in zip(box, mask.shape))
 
 
 def seconds_per_iteration(fold_dir: Path, iters_per_epoch: int, val_iters: int) -> float:
@@ -141,6 +203,13 @@ def time_steps(plans_path: Path, steps: int = 5, warmup: int = 2) -> dict[str, f
     return results
 
 
+def aorta_shape(raw: Path) -> tuple[int, ...]:
+    """Shape (z, y, x) of the single aorta training image."""
+    from mipseg import io
+
+    return io.read_image_header(raw / "imagesTr" / f"{AORTA_CASE}_0000.nii.gz")[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("mip_ablation"))
@@ -154,6 +223,12 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", default="synthetic", choices=["synthetic", "aorta_cemra"])
+    parser.add_argument("--aorta", type=Path, default=DEFAULT_AORTA, help="aorta_cemra image.")
+    parser.add_argument("--margin", type=int, default=3, help="aorta_cemra: scoring box margin (voxels).")
+    parser.add_argument(
+        "--skip-step-timing", action="store_true", help="Do not time training steps at the end."
+    )
     parser.add_argument(
         "--timing-only", action="store_true", help="Only time training steps on an existing WORKDIR."
     )
@@ -179,22 +254,33 @@ def main() -> None:
         "MKL_NUM_THREADS": threads,
     }
     os.environ.update({k: env[k] for k in ("MIPSEG_RAW", "MIPSEG_PREPROCESSED")})
-    d = str(DATASET_ID)
-    shape = [str(s) for s in args.shape]
-    run(["mipseg_synthesize", "-d", d, "--kind", "vessels", "--cases", str(args.cases), "--shape", *shape,
-         "--test-cases", str(args.test_cases), "--seed", str(args.seed), "--overwrite"], env)  # fmt: skip
+    aorta = args.source == "aorta_cemra"
+    aorta_label = args.aorta.with_name(args.aorta.name.replace(".nii.gz", "_bifurcation_label.nii.gz"))
+    d = str(AORTA_DATASET_ID if aorta else DATASET_ID)
+    if aorta:
+        if not (args.aorta.is_file() and aorta_label.is_file()):
+            sys.exit(f"mip_ablation: {args.aorta} or {aorta_label} not found")
+        write_aorta_dataset(work / "raw", args.aorta, aorta_label)
+    else:
+        shape = [str(s) for s in args.shape]
+        run(["mipseg_synthesize", "-d", d, "--kind", "vessels", "--cases", str(args.cases), "--shape", *shape,
+             "--test-cases", str(args.test_cases), "--seed", str(args.seed), "--overwrite"], env)  # fmt: skip
     run(["mipseg_plan", "-d", d, "--device", "cpu"], env)
     run(["mipseg_pseudolabel", "-d", d], env)
 
     from mipseg import paths
 
-    dataset = paths.resolve_dataset(DATASET_ID)
+    dataset = paths.resolve_dataset(int(d))
     raw = work / "raw" / dataset
+    # aorta_cemra: predict the training image itself (its label was never used in training)
+    predict_input = raw / ("imagesTr" if aorta else "imagesTs")
     truths = sorted((raw / "labelsTs").glob("*.nii.gz"))
     results: dict[str, object] = {
-        "cases": args.cases,
-        "test_cases": args.test_cases,
-        "shape": args.shape,
+        "source": args.source,
+        **({"scored_in": f"label bounding box + {args.margin} voxels"} if aorta else {}),
+        "cases": 1 if aorta else args.cases,
+        "test_cases": 1 if aorta else args.test_cases,
+        "shape": list(aorta_shape(raw)) if aorta else args.shape,
         "epochs": args.epochs,
         "iters_per_epoch": args.iters_per_epoch,
         "threads": args.threads,
@@ -202,6 +288,10 @@ def main() -> None:
         "seed": args.seed,
         "configs": {},
     }
+    if aorta:  # the training target itself: S_1 of the pseudo-labels, scored the same way
+        pseudo = paths.labelset_dir(int(d), "pseudo") / f"{AORTA_CASE}.nii.gz"
+        results["pseudo_labels"] = evaluate_in_segment(pseudo, aorta_label, args.margin)
+        print("pseudo_labels", json.dumps(results["pseudo_labels"]), flush=True)
     for name in args.configs:
         config_env = {**env, "MIPSEG_RESULTS": str(work / f"results_{name}")}
         train_seconds = run(
@@ -213,18 +303,26 @@ def main() -> None:
         )  # fmt: skip
         trainer = CONFIGS[name][1]
         output = work / f"predictions_{name}"
-        run(["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
+        run(["mipseg_predict", "-i", str(predict_input), "-o", str(output), "-d", d, "-f", "all",
              "--labels", "pseudo", "--trainer", trainer, "--device", args.device, "--disable-tta"],
             config_env)  # fmt: skip
         fold_dir = work / f"results_{name}" / dataset / f"{trainer}__pseudo__3d_fullres" / "fold_all"
+        scores = (
+            evaluate_in_segment(output / f"{AORTA_CASE}.nii.gz", aorta_label, args.margin)
+            if aorta
+            else evaluate_folder(output, truths)
+        )
         entry = {
-            **evaluate_folder(output, truths),
+            **scores,
             "train_minutes": round(train_seconds / 60, 2),
             "seconds_per_iteration": seconds_per_iteration(fold_dir, args.iters_per_epoch, args.val_iters),
         }
         results["configs"][name] = entry
         print(name, json.dumps(entry), flush=True)
         (work / "mip_ablation.json").write_text(json.dumps(results, indent=2))
+    if args.skip_step_timing:
+        print(json.dumps(results, indent=2))
+        return
     import torch
 
     torch.set_num_threads(args.threads)
