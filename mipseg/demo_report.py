@@ -1,0 +1,262 @@
+"""The final table of ``scripts/demo.sh``: every stage's score on the synthetic datasets, and QC pictures.
+
+It only reads what the demo's commands wrote (``report.json`` of the label sets, ``summary.json`` of
+``mipseg_evaluate``) plus the raw test images for the oracle threshold, so it runs in seconds:
+
+``python -m mipseg.demo_report --vessels 900 --organs 901``
+
+Dice definitions (all against the dense truth the synthetic data comes with):
+
+* best global threshold: one intensity threshold for all test images, the best one in hindsight
+  (``mipseg.synthetic.best_threshold_dice``; voxels of all test cases pooled); an oracle reference.
+* label sets (pseudo, refined, propagated): the voxels a label set calls foreground against the true
+  foreground of the training cases, as the label set's ``report.json`` gives it (ignore = not
+  foreground), mean over cases.
+* models: mean Dice over the test cases from the ``summary.json`` of ``mipseg_evaluate``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from mipseg import io, paths
+from mipseg.dataset import load_dataset
+from mipseg.planning.mip import maximum_intensity_projection
+from mipseg.synthetic.annotation import best_threshold_dice
+
+PREDICTIONS_FOLDER = "demo_predictions"  # under results/DatasetX/, as scripts/demo.sh writes them
+MIN_PICTURE_SIZE = 256  # pixels along the longer side of a QC picture
+VESSEL_MODELS = {
+    "pseudo": "model on pseudo-labels",
+    "refined": "refined model (fine-tuned)",
+    "dense": "dense-label upper bound",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the table: which pipeline, what was scored, on which cases, the Dice."""
+
+    pipeline: str
+    method: str
+    scored_on: str
+    dice: float
+
+
+def mean_labelset_dice(report: dict[str, Any]) -> float:
+    """Mean over cases of the foreground Dice a label set's ``report.json`` records.
+
+    Understands the three report shapes: pseudolabel (``summary.agreement_mean.dice``), refine
+    (per case ``agreement.after.vessel`` precision/recall; Dice = 2PR / (P + R)) and propagate
+    (``mean_dice`` per label, averaged over labels).
+    """
+    pseudolabel_mean = report.get("summary", {}).get("agreement_mean", {})
+    if "dice" in pseudolabel_mean:
+        return float(pseudolabel_mean["dice"])
+    if "mean_dice" in report:
+        return float(np.mean([float(v) for v in report["mean_dice"].values()]))
+    dices = []
+    for case in report["cases"].values():
+        after = case.get("agreement", {}).get("after", {})
+        foreground = [v for k, v in after.items() if k != "background"]
+        for scores in foreground:
+            precision, recall = float(scores["precision"]), float(scores["recall"])
+            dices.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
+    if not dices:
+        raise ValueError("the label set report holds no agreement with dense truth")
+    return float(np.mean(dices))
+
+
+def summary_dice(summary_path: Path) -> float:
+    """``foreground_mean`` Dice of a ``mipseg_evaluate`` summary.json."""
+    return float(io.read_json(summary_path)["foreground_mean"]["Dice"])
+
+
+def test_pairs(dataset_id: int | str) -> list[tuple[Path, Path]]:
+    """(first channel image, label) of every test case that has a label in ``labelsTs``."""
+    dataset = load_dataset(dataset_id, read_voxels=False)
+    labels_folder = dataset.folder / "labelsTs"
+    pairs = []
+    for case in dataset.test_cases:
+        label = labels_folder / f"{case.case_id}{dataset.spec.file_ending}"
+        if label.is_file():
+            pairs.append((case.images[0], label))
+    return pairs
+
+
+def threshold_row(dataset_id: int | str) -> Row:
+    """Oracle global threshold on the test images (the best Dice any single threshold reaches)."""
+    pairs = test_pairs(dataset_id)
+    images = [io.read_image(image, np.float32)[0] for image, _ in pairs]
+    labels = [io.read_image(label)[0] for _, label in pairs]
+    dice, threshold = best_threshold_dice(images, labels)
+    return Row("vessels", f"best global threshold (oracle, t={threshold:.4g})", "test (pooled)", dice)
+
+
+def vessel_rows(dataset_id: int | str) -> list[Row]:
+    """Threshold, pseudo-labels, refined labels, and the three models of the vessel demo."""
+    labelsets = paths.preprocessed_dataset_dir(dataset_id) / "labelsets"
+    predictions = paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER
+    rows = [threshold_row(dataset_id)]
+    for name, method in (("pseudo", "pseudo-labels"), ("refined", "refined labels")):
+        report = labelsets / name / "report.json"
+        if report.is_file():
+            rows.append(Row("vessels", method, "train cases", mean_labelset_dice(io.read_json(report))))
+    for name, method in VESSEL_MODELS.items():
+        summary = predictions / name / "summary.json"
+        if summary.is_file():
+            rows.append(Row("vessels", method, "test cases", summary_dice(summary)))
+    return rows
+
+
+def organ_rows(dataset_id: int | str) -> list[Row]:
+    """Registration vs flow propagation of the annotated slices, and the model trained on flow labels."""
+    labelsets = paths.preprocessed_dataset_dir(dataset_id) / "labelsets"
+    rows = []
+    for name in sorted(p.name for p in labelsets.glob("*") if (p / "report.json").is_file()):
+        report = io.read_json(labelsets / name / "report.json")
+        if "mean_dice" not in report:
+            continue
+        method = f"{report.get('method', name)} propagation ({name})"
+        rows.append(Row("organs", method, "train cases", mean_labelset_dice(report)))
+    for summary in sorted(
+        (paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER).glob("*/summary.json")
+    ):
+        name = summary.parent.name
+        rows.append(Row("organs", f"model on {name} labels", "test cases", summary_dice(summary)))
+    return rows
+
+
+def overlay(background: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """RGB picture of a 2D image with agreement colours.
+
+    Parameters
+    ----------
+    background : np.ndarray, shape (rows, cols)
+        Intensities (MIP or slice); shown in grey, 1st to 99.9th percentile.
+    truth, prediction : np.ndarray of bool, shape (rows, cols)
+
+    Returns
+    -------
+    np.ndarray of uint8, shape (rows, cols, 3)
+        Green = both, red = truth only (missed), yellow = prediction only (false positive);
+        enlarged by an integer factor when the picture is smaller than ``MIN_PICTURE_SIZE``.
+    """
+    low, high = np.percentile(background, [1.0, 99.9])
+    grey = np.clip((background - low) / max(high - low, 1e-6), 0.0, 1.0)
+    rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
+    colours = {(True, True): (0, 200, 0), (True, False): (230, 0, 0), (False, True): (240, 220, 0)}
+    for (in_truth, in_prediction), colour in colours.items():
+        mask = (truth == in_truth) & (prediction == in_prediction)
+        rgb[mask] = (0.4 * rgb[mask] + 0.6 * np.array(colour)).astype(np.uint8)
+    # Small demo volumes give stamp-sized pictures: enlarge by whole pixels (no interpolation).
+    scale = max(1, MIN_PICTURE_SIZE // max(rgb.shape[:2]))
+    return np.repeat(np.repeat(rgb, scale, axis=0), scale, axis=1)
+
+
+def write_vessel_mip_overlays(dataset_id: int | str, axis: int = 0) -> list[Path]:
+    """MIP overlay (truth vs prediction, both projected) per test case and vessel model."""
+    predictions = paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER
+    written = []
+    for image_path, label_path in test_pairs(dataset_id):
+        image = io.read_image(image_path, np.float32)[0]
+        truth = io.read_image(label_path)[0] > 0
+        mip = maximum_intensity_projection(image, axis)[0]
+        for name in VESSEL_MODELS:
+            prediction_path = predictions / name / label_path.name
+            if not prediction_path.is_file():
+                continue
+            prediction = io.read_image(prediction_path)[0] > 0
+            target = predictions / "qc" / f"{_case_name(label_path)}_{name}_mip{axis}.png"
+            io.write_png(overlay(mip, truth.any(axis), prediction.any(axis)), target)
+            written.append(target)
+    return written
+
+
+def write_organ_slice_overlays(dataset_id: int | str) -> list[Path]:
+    """Slice overlay (truth vs prediction) per organ test case and model, on the slice of most organ."""
+    predictions = paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER
+    written = []
+    for image_path, label_path in test_pairs(dataset_id):
+        image = io.read_image(image_path, np.float32)[0]
+        truth = io.read_image(label_path)[0] > 0
+        index = int(np.argmax(truth.sum(axis=(1, 2))))
+        for prediction_path in sorted(predictions.glob(f"*/{label_path.name}")):
+            prediction = io.read_image(prediction_path)[0] > 0
+            name = prediction_path.parent.name
+            target = predictions / "qc" / f"{_case_name(label_path)}_{name}_slice{index}.png"
+            io.write_png(overlay(image[index], truth[index], prediction[index]), target)
+            written.append(target)
+    return written
+
+
+def _case_name(label_path: Path) -> str:
+    """Case id of a label file (its name without the file ending, e.g. ``.nii.gz``)."""
+    name = label_path.name
+    return name[: name.index(".")] if "." in name else name
+
+
+def qc_pictures(vessel_id: int | str | None, organ_id: int | str | None) -> dict[str, list[Path]]:
+    """Every QC picture of the demo: the ones the stages wrote and the prediction overlays made here."""
+    pictures: dict[str, list[Path]] = {}
+    if vessel_id is not None:
+        pre = paths.preprocessed_dataset_dir(vessel_id)
+        pictures["vessel MIPs (mipseg_plan)"] = sorted((pre / "mips").glob("*_mips.png"))
+        pictures["pseudo-label MIP overlays"] = sorted((pre / "labelsets" / "pseudo" / "qc").glob("*.png"))
+        pictures["prediction MIP overlays (test)"] = write_vessel_mip_overlays(vessel_id)
+    if organ_id is not None:
+        pre = paths.preprocessed_dataset_dir(organ_id)
+        pictures["suggested slices"] = sorted((pre / "suggested_slices").glob("*.png"))
+        pictures["prediction slice overlays (test)"] = write_organ_slice_overlays(organ_id)
+    return pictures
+
+
+def results_table(rows: list[Row]) -> Table:
+    """The rich table of the rows."""
+    table = Table(title="mipseg demo: Dice against the dense synthetic truth")
+    for column, justify in (("data", "left"), ("method", "left"), ("scored on", "left"), ("Dice", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in rows:
+        dice = "n/a" if math.isnan(row.dice) else f"{row.dice:.3f}"
+        table.add_row(row.pipeline, row.method, row.scored_on, dice)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the demo table and the QC picture paths; optionally write the rows as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vessels", help="vessel dataset id or name (MIP-annotated demo)")
+    parser.add_argument("--organs", help="organ dataset id or name (slice-annotated demo)")
+    parser.add_argument("--json", type=Path, help="also write the rows and picture paths to this file")
+    args = parser.parse_args(argv)
+    rows = (vessel_rows(args.vessels) if args.vessels else []) + (
+        organ_rows(args.organs) if args.organs else []
+    )
+    pictures = qc_pictures(args.vessels, args.organs)
+    console = Console()
+    console.print("QC pictures:")
+    for kind, files in pictures.items():
+        console.print(f"  {kind}: {len(files)}")
+        for path in files:
+            console.print(f"    {path}", soft_wrap=True)
+    console.print(results_table(rows))
+    if args.json is not None:
+        io.write_json(
+            {
+                "rows": [asdict(row) for row in rows],
+                "qc_pictures": {kind: [str(p) for p in files] for kind, files in pictures.items()},
+            },
+            args.json,
+        )
+
+
+if __name__ == "__main__":
+    main()
