@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mipseg import io, paths
+from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.inference.sliding_window import number_of_tiles, sliding_window_logits
 from mipseg.planning.plans import Plans, load_plans
@@ -30,18 +31,6 @@ from mipseg.training.checkpoint import (
 CONFIGURATION = "3d_fullres"
 DEFAULT_MIRROR_AXES = (0, 1, 2)
 DEFAULT_CPU_BATCH_SIZE = 2  # tiles per forward pass on CPU: larger batches gain nothing there
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without a GPU is an input error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise InputError(f"--device {name}: expected auto, cpu or cuda")
-    return torch.device(name)
 
 
 def list_model_folders(dataset: str | int) -> dict[tuple[str, str], Path]:

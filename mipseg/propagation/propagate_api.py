@@ -24,6 +24,7 @@ import numpy as np
 
 from mipseg import io, paths
 from mipseg.dataset import Case, Dataset, load_dataset
+from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, registration_transport
 from mipseg.propagation.flow_net import normalize_volume
@@ -41,7 +42,6 @@ from mipseg.propagation.train_flow import (
     flow_model_dir,
     load_flow_model,
     load_normalized_image,
-    select_device,
     train_flow_model,
 )
 
@@ -125,7 +125,7 @@ def suggest_slices(
     checkpoint = ensure_flow_model(
         dataset, settings, continue_training=continue_training, device=device, show_progress=show_progress
     )
-    torch_device = select_device(device)
+    torch_device = resolve_device(device)
     model = load_flow_model(checkpoint, torch_device)
     folder = paths.preprocessed_dataset_dir(dataset.name)
     suggestions: dict[str, Any] = {}
@@ -188,7 +188,7 @@ def propagate_dataset(
     annotated = [case for case in dataset.cases if case.annotations]
     if not annotated:
         raise InputError(f"{dataset.folder / 'annotationsTr'}: no {{case}}_slice{{k}}.png annotation found")
-    model, torch_device, checkpoint, training_seconds = None, select_device(device), None, 0.0
+    model, torch_device, checkpoint, training_seconds = None, resolve_device(device), None, 0.0
     if settings.method == "flow":
         began = time.perf_counter()
         checkpoint = ensure_flow_model(

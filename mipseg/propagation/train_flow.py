@@ -24,6 +24,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from mipseg import io, paths
 from mipseg.dataset import Dataset
+from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume, split_flows, to_working_grid
 from mipseg.propagation.losses import (
@@ -73,17 +74,6 @@ class FlowTrainingSettings:
 def flow_model_dir(dataset_id: str | int) -> Path:
     """``results/DatasetX/flow__selfsup``."""
     return paths.results_dataset_dir(dataset_id) / FLOW_MODEL_NAME
-
-
-def select_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when present else CPU; ``"cpu"``/``"cuda"`` as asked."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: choose auto, cpu or cuda")
-    return torch.device(device)
 
 
 def load_normalized_image(path: Path) -> np.ndarray:
@@ -137,7 +127,7 @@ def train_flow_model(
         raise InputError(f"--similarity {settings.similarity}: choose one of {', '.join(SIMILARITIES)}")
     if settings.iterations < 1:
         raise InputError(f"--iters {settings.iterations}: must be at least 1")
-    torch_device = select_device(device)
+    torch_device = resolve_device(device)
     folder = flow_model_dir(dataset.name)
     latest = folder / "checkpoint_latest.pt"
     torch.manual_seed(settings.seed)

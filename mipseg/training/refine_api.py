@@ -33,13 +33,13 @@ from torch import nn
 
 from mipseg import io, paths
 from mipseg.dataset import Case, DatasetSpec, load_dataset
+from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.preprocessing import revert_preprocessing
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import refine
 from mipseg.training.refine_report import case_finished, labelset_description, start_report, summarize
-from mipseg.training.trainer import resolve_device
 from mipseg.training.validation import sliding_window_probabilities
 
 DEFAULT_SOURCE = "pseudo"

@@ -18,6 +18,7 @@ from torch import nn
 
 from mipseg import io, paths
 from mipseg.dataset import DatasetSpec
+from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.planning.plans import Plans
 from mipseg.training import checkpoint as ckpt
@@ -36,7 +37,6 @@ from mipseg.training.trainer import (
     check_config,
     make_state,
     resolve_defaults,
-    resolve_device,
     restore_state,
     run_epoch,
     seed_everything,

@@ -88,19 +88,6 @@ def resolve_defaults(config: TrainingConfig, device: torch.device) -> TrainingCo
     return TrainingConfig(**values)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (error when absent) or ``auto`` (cuda when present)."""
-    from mipseg.errors import InputError
-
-    if name not in ("auto", "cpu", "cuda"):
-        raise InputError(f"--device must be auto, cpu or cuda, got {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda requested but no CUDA device is available")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class TrainingLog:
     """One value per finished epoch (nnU-Net's LocalLogger lists)."""
