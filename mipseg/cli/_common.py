@@ -52,3 +52,24 @@ def reported_errors(debug: bool = False) -> Iterator[None]:
             "[yellow]interrupted[/]; run the same command with --continue to resume", highlight=False
         )
         sys.exit(130)
+    except MemoryError as error:
+        # torch.OutOfMemoryError (GPU) derives from RuntimeError, CPU exhaustion from MemoryError
+        _report_out_of_memory(error, debug)
+    except RuntimeError as error:
+        if "out of memory" not in str(error).lower():
+            raise
+        _report_out_of_memory(error, debug)
+
+
+def _report_out_of_memory(error: BaseException, debug: bool) -> None:
+    """One line with what to change instead of a traceback; exit status 1 (not an input error)."""
+    if debug:
+        console.print_exception()
+    console.print(
+        "[bold red]error:[/] out of memory; use a smaller --gpu-memory-gb when planning (smaller patch),"
+        " fewer -np/--num-workers processes, or --device cpu; --continue resumes where it stopped"
+        f" ({type(error).__name__})",
+        highlight=False,
+        soft_wrap=True,
+    )
+    sys.exit(1)
