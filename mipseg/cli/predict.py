@@ -56,7 +56,11 @@ def predict(
     ] = False,
     min_component_size: Annotated[
         int | None,
-        typer.Option("--min-component-size", help="Minimum component size in voxels; default: learned."),
+        typer.Option(
+            "--min-component-size",
+            help="Remove components smaller than this (voxels); given, it applies even without "
+            "--postprocess. With --postprocess and no value: learned from the folds.",
+        ),
     ] = None,
     continue_: Annotated[
         bool, typer.Option("--continue", help="Skip cases whose outputs already exist.")

@@ -60,7 +60,10 @@ def train(
     ] = 1.0,
     initial_lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (poly decay).")] = 1e-2,
     num_workers: Annotated[
-        int | None, typer.Option("--num-workers", help="Augmentation worker processes (0 = in-process).")
+        int | None,
+        typer.Option(
+            "--num-workers", help="Augmentation worker processes (0 = in-process; default min(2, CPUs))."
+        ),
     ] = None,
     save_every: Annotated[
         int, typer.Option("--save-every", help="Write checkpoint_latest every N epochs.")
