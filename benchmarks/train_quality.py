@@ -108,6 +108,9 @@ def main() -> None:
         "--epochs", type=int, help="Fix the epochs instead of deriving them from --minutes (busy machines)."
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--trainer", default="plain", help="Trainer of model (c); the dense upper bound (d) is always plain."
+    )
     args = parser.parse_args()
     require_stages()
 
@@ -142,19 +145,21 @@ def main() -> None:
         "test_cases": args.test_cases,
         "shape": args.shape,
         "minutes_per_model": None if args.epochs else args.minutes,  # --epochs replaces the budget
+        "trainer_c": args.trainer,
         "epochs": epochs,
         "iters_per_epoch": args.iters_per_epoch,
         "seconds_per_iteration": seconds_per_iteration,
     }
     for labels in ("pseudo", "dense"):
         start = time.time()
-        run(["mipseg_train", "-d", d, "-f", "all", "--labels", labels, "--trainer", "plain",
+        trainer = args.trainer if labels == "pseudo" else "plain"
+        run(["mipseg_train", "-d", d, "-f", "all", "--labels", labels, "--trainer", trainer,
              "--epochs", str(epochs), "--iters-per-epoch", str(args.iters_per_epoch), "--val-iters", "2",
              "--device", "cpu", "--seed", str(args.seed)], env)  # fmt: skip
         results[f"train_minutes_{labels}"] = round((time.time() - start) / 60, 2)
         output = str(work / f"predictions_{labels}")
         run(["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", output, "-d", d, "-f", "all",
-             "--labels", labels, "--trainer", "plain", "--device", "cpu", "--disable-tta"], env)  # fmt: skip
+             "--labels", labels, "--trainer", trainer, "--device", "cpu", "--disable-tta"], env)  # fmt: skip
 
     from mipseg import io
 
