@@ -227,7 +227,7 @@ def test_loss_without_mip_channels_is_the_plain_loss():
 
 
 def test_auto_picks_mip_only_when_every_case_has_its_mip_annotation(data_roots):
-    from mipseg.training.train_api import resolve_trainer_name
+    from mipseg.training.trainers import resolve_trainer_name
 
     name = write_tiny_dataset(data_roots, num_cases=2)  # annotation "mip" but no PNGs
     assert resolve_trainer_name(name, "auto") == "plain"
