@@ -34,12 +34,12 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _pipeline import run_command
 
 DATASET_ID = 961
 AORTA_DATASET_ID = 962
@@ -55,16 +55,8 @@ CONFIGS: dict[str, list[str]] = {
 
 
 def run(command: list[str], env: dict[str, str]) -> float:
-    """Run one pipeline command (the venv's console script); stop on failure; returns seconds."""
-    executable = Path(sys.executable).parent / command[0]
-    print("$", " ".join(command), flush=True)
-    start = time.time()
-    result = subprocess.run([str(executable), *command[1:]], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"mip_ablation: {command[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    seconds = time.time() - start
-    print(f"  ({seconds:.0f} s)", flush=True)
-    return seconds
+    """Run one pipeline command of this virtualenv; exit on failure; returns seconds."""
+    return run_command(command, env, "mip_ablation")
 
 
 def case_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:

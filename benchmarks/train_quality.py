@@ -26,12 +26,12 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _pipeline import run_command
 
 STAGES = ("synthesize", "plan", "pseudolabel", "train", "predict")
 DATASET_ID = 960
@@ -44,15 +44,9 @@ def require_stages() -> None:
         sys.exit(f"train_quality: pipeline stage(s) missing: {', '.join('mipseg_' + s for s in missing)}")
 
 
-def run(command: list[str], env: dict[str, str]) -> None:
-    """Run one pipeline command (the venv's console script), echoing it; stop on failure."""
-    executable = Path(sys.executable).parent / command[0]
-    print("$", " ".join(command), flush=True)
-    start = time.time()
-    result = subprocess.run([str(executable), *command[1:]], env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"train_quality: {command[0]} failed ({result.returncode}):\n{result.stderr[-3000:]}")
-    print(f"  ({time.time() - start:.0f} s)", flush=True)
+def run(command: list[str], env: dict[str, str]) -> float:
+    """Run one pipeline command of this virtualenv; exit on failure; returns seconds."""
+    return run_command(command, env, "train_quality")
 
 
 def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
