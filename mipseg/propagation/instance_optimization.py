@@ -28,9 +28,10 @@ from mipseg.propagation.losses import (
     chain_reconstruction,
     in_plane_smoothness,
     inter_slice_smoothness,
-    local_ncc_loss,
+    neighbour_reconstruction_loss,
+    similarity_loss,
 )
-from mipseg.propagation.warping import resize_flow, warp_slice
+from mipseg.propagation.warping import resize_flow
 
 
 @dataclass(frozen=True)
@@ -70,20 +71,14 @@ class InstanceOptimization:
 
 
 def _dissimilarity(prediction: torch.Tensor, target: torch.Tensor, settings: InstanceOptimization):
-    if settings.similarity == "ncc":
-        return local_ncc_loss(prediction, target, settings.ncc_window)
-    return F.mse_loss(prediction, target)
+    return similarity_loss(prediction, target, settings.similarity, settings.ncc_window)
 
 
 def neighbour_loss(
     slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, settings: InstanceOptimization
 ) -> torch.Tensor:
     """Every slice ``(D, 1, H, W)`` reconstructed from each neighbour by flows ``(D, 2, H, W)``."""
-    from_previous = warp_slice(slices[:-1], forward[:-1])
-    from_next = warp_slice(slices[1:], backward[1:])
-    return 0.5 * (
-        _dissimilarity(from_previous, slices[1:], settings) + _dissimilarity(from_next, slices[:-1], settings)
-    )
+    return neighbour_reconstruction_loss(slices, forward, backward, settings.similarity, settings.ncc_window)
 
 
 def chain_term(

@@ -39,12 +39,14 @@ def local_ncc_loss(prediction: torch.Tensor, target: torch.Tensor, window: int =
     return 1.0 - ncc.mean()
 
 
-def similarity_loss(prediction: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+def similarity_loss(
+    prediction: torch.Tensor, target: torch.Tensor, kind: str, ncc_window: int = 9
+) -> torch.Tensor:
     """Dissimilarity of ``(B, 1, H, W)`` batches: ``"mse"`` or ``"ncc"`` (lower is better)."""
     if kind == "mse":
         return F.mse_loss(prediction, target)
     if kind == "ncc":
-        return local_ncc_loss(prediction, target)
+        return local_ncc_loss(prediction, target, ncc_window)
     raise ValueError(f"unknown similarity {kind!r}; choose one of {SIMILARITIES}")
 
 
@@ -70,13 +72,14 @@ def inter_slice_smoothness(forward: torch.Tensor, backward: torch.Tensor) -> tor
 
 
 def neighbour_reconstruction_loss(
-    slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, kind: str
+    slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, kind: str, ncc_window: int = 9
 ) -> torch.Tensor:
     """Local term: every slice from its neighbour, ``(D, 1, H, W)`` slices, ``(D, 2, H, W)`` flows."""
     from_previous = warp_slice(slices[:-1], forward[:-1])
     from_next = warp_slice(slices[1:], backward[1:])
     return 0.5 * (
-        similarity_loss(from_previous, slices[1:], kind) + similarity_loss(from_next, slices[:-1], kind)
+        similarity_loss(from_previous, slices[1:], kind, ncc_window)
+        + similarity_loss(from_next, slices[:-1], kind, ncc_window)
     )
 
 
