@@ -25,11 +25,10 @@ import torch.nn.functional as F
 
 from mipseg.propagation.losses import (
     SIMILARITIES,
-    chain_reconstruction,
+    chain_loss,
     in_plane_smoothness,
     inter_slice_smoothness,
     neighbour_reconstruction_loss,
-    similarity_loss,
 )
 from mipseg.propagation.warping import resize_flow
 
@@ -70,10 +69,6 @@ class InstanceOptimization:
         return asdict(self)
 
 
-def _dissimilarity(prediction: torch.Tensor, target: torch.Tensor, settings: InstanceOptimization):
-    return similarity_loss(prediction, target, settings.similarity, settings.ncc_window)
-
-
 def neighbour_loss(
     slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, settings: InstanceOptimization
 ) -> torch.Tensor:
@@ -90,11 +85,7 @@ def chain_term(
 ) -> torch.Tensor:
     """Global L2G term: slices reconstructed from ``anchors`` through up to ``chain_span`` warps."""
     span = min(settings.chain_span, slices.shape[0] - 1)
-    predictions, targets, valid = chain_reconstruction(slices, forward, backward, anchors, span)
-    keep = valid.flatten()
-    if not bool(keep.any()):
-        return slices.sum() * 0.0
-    return _dissimilarity(predictions.flatten(0, 1)[keep], targets.flatten(0, 1)[keep], settings)
+    return chain_loss(slices, forward, backward, anchors, span, settings.similarity, settings.ncc_window)
 
 
 def refinement_size(shape: tuple[int, int], max_size: int) -> tuple[int, int]:

@@ -127,6 +127,7 @@ def chain_loss(
     anchors: torch.Tensor,
     span: int,
     kind: str,
+    ncc_window: int = 9,
 ) -> torch.Tensor:
     """Global term of L2G: mean dissimilarity of all valid chain reconstructions from ``anchors``."""
     predictions, targets, valid = chain_reconstruction(slices, forward, backward, anchors, span)
@@ -135,7 +136,7 @@ def chain_loss(
         return slices.sum() * 0.0
     flat_predictions = predictions.flatten(0, 1)[keep]
     flat_targets = targets.flatten(0, 1)[keep]
-    return similarity_loss(flat_predictions, flat_targets, kind)
+    return similarity_loss(flat_predictions, flat_targets, kind, ncc_window)
 
 
 def curriculum_span(iteration: int, total_iterations: int, depth: int, ramp_fraction: float = 0.6) -> int:
