@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mipseg.cli._common import DatasetOption, DebugOption, console, make_app, reported_errors
+from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, console, make_app, reported_errors
 
 app = make_app(
     "Predict {case}.nii.gz for every case of IN (a folder of {case}_{XXXX} channel files, or files) "
@@ -67,7 +67,7 @@ def predict(
     ] = False,
     num_parts: Annotated[int, typer.Option("--num-parts", help="Split the cases into this many parts.")] = 1,
     part_id: Annotated[int, typer.Option("--part-id", help="Which part (0-based) this call predicts.")] = 0,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     no_progress: Annotated[bool, typer.Option("--disable-progress-bar", help="No progress bars.")] = False,
     debug: DebugOption = False,
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mipseg.cli._common import DatasetOption, DebugOption, SeedOption, make_app, reported_errors
+from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOption, make_app, reported_errors
 
 app = make_app(
     "Propagate single-slice annotations (annotationsTr/{case}_slice{k}.png) through each volume with "
@@ -54,7 +54,7 @@ def propagate(
     refine_size: Annotated[
         int, typer.Option("--refine-size", help="Largest in-plane size (pixels) of the per-volume flows.")
     ] = 128,
-    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    device: DeviceOption = "auto",
     seed: SeedOption = 0,
     debug: DebugOption = False,
 ) -> None:

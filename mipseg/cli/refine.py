@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mipseg.cli._common import DatasetOption, DebugOption, SeedOption, make_app, reported_errors
+from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOption, make_app, reported_errors
 from mipseg.training import refine as rules
 
 app = make_app(
@@ -63,7 +63,7 @@ def refine(
     checkpoint: Annotated[
         str, typer.Option("--checkpoint", help="final (uses the exported validation) or best.")
     ] = "final",
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    device: DeviceOption = "auto",
     seed: SeedOption = 0,
     resume: Annotated[
         bool, typer.Option("--continue", help="Keep cases finished by an earlier run with the same settings.")

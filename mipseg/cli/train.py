@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from mipseg.cli._common import DatasetOption, DebugOption, SeedOption, make_app, reported_errors
+from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOption, make_app, reported_errors
 
 app = make_app(
     "Train one fold (0-4 or 'all') of the 3D U-Net from the plans on a label set whose unlabelled voxels "
@@ -51,7 +51,7 @@ def train(
     init_from: Annotated[
         str | None, typer.Option("--init-from", help="Checkpoint whose weights start the run (fine-tuning).")
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda.")] = "auto",
+    device: DeviceOption = "auto",
     dropout: Annotated[
         float, typer.Option("--dropout", help="Dropout3d probability at bottleneck and head (0 = off).")
     ] = 0.0,
