@@ -29,7 +29,7 @@ from mipseg.propagation.losses import (
 )
 from mipseg.propagation.propagate import flow_transport, propagate_slices
 from mipseg.propagation.slice_selection import candidate_slices, suggest_slice
-from mipseg.propagation.warping import resize_flow, warp_slice
+from mipseg.propagation.warping import resize_flow, symmetric_flows, warp_slice
 
 torch.set_num_threads(1)
 TINY_NET = FlowNetConfig(features=(4, 8, 8), working_size=(32, 32))
@@ -95,6 +95,19 @@ def test_resized_flow_moves_the_same_physical_distance():
         big[:, 1], torch.full((1, 9, 17), 4.0)
     )
 
+
+
+def test_symmetric_flows_keep_consistent_pairs_and_average_inconsistent_ones():
+    shift = torch.zeros(4, 2, 12, 12)
+    shift[:, 0], shift[:, 1] = 1.5, -0.5
+    forward, backward = symmetric_flows(shift, -shift)  # already inverse to each other
+    assert torch.allclose(forward, shift, atol=1e-5) and torch.allclose(backward, -shift, atol=1e-5)
+    forward, backward = symmetric_flows(shift, torch.zeros_like(shift))  # the two ends disagree
+    assert torch.allclose(forward[:-1], 0.5 * shift[:-1], atol=1e-5)
+    assert torch.allclose(backward[1:], -0.5 * shift[1:], atol=1e-5)
+    assert torch.equal(forward[-1], shift[-1]) and torch.equal(backward[0], torch.zeros(2, 12, 12))
+    with pytest.raises(ValueError):
+        symmetric_flows(shift, shift[:, :1])
 
 def test_demons_displacement_follows_the_flow_convention():
     image, _, forward, _ = translating_organ(depth=3, size=48, shift=(2.0, 0.0))

@@ -51,9 +51,23 @@ def propagate(
             help="Label-free per-volume optimisation steps of the flows on the finer grid (0 = off).",
         ),
     ] = 50,
+    coarse_iters: Annotated[
+        int,
+        typer.Option(
+            "--coarse-iters",
+            help="Optimisation steps on a half-size grid before --refine-iters (0 = none).",
+        ),
+    ] = 50,
     refine_size: Annotated[
         int, typer.Option("--refine-size", help="Largest in-plane size (pixels) of the per-volume flows.")
     ] = 128,
+    no_symmetric_flows: Annotated[
+        bool,
+        typer.Option(
+            "--no-symmetric-flows",
+            help="Move masks by the flows alone, not also by their inverse-consistent version.",
+        ),
+    ] = False,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     debug: DebugOption = False,
@@ -69,9 +83,15 @@ def propagate(
             path = suggest_slices(dataset, flow_settings, continue_training=continue_training, device=device)
             Console().print(f"suggestions written to {path}")
             return
-        refinement = InstanceOptimization(iterations=refine_iters, max_size=refine_size, seed=seed)
+        refinement = InstanceOptimization(
+            iterations=refine_iters, coarse_iterations=coarse_iters, max_size=refine_size, seed=seed
+        )
         settings = PropagationSettings(
-            method=method, verify=not no_verify, ignore_band=ignore_band, refinement=refinement
+            method=method,
+            verify=not no_verify,
+            ignore_band=ignore_band,
+            refinement=refinement,
+            symmetric_flows=not no_symmetric_flows,
         )
         folder = propagate_dataset(
             dataset,

@@ -3,7 +3,9 @@
 The network predicts flows on its coarse working grid (default 64 x 64) from what it learned on
 the whole dataset. Before a volume is propagated, its flows are upsampled to a finer in-plane
 grid (the raw grid, scaled down to at most ``max_size`` pixels per axis) and optimised directly
-on that one volume with the same self-supervised objective as training, so no label is read:
+on that one volume with the same self-supervised objective as training, so no label is read
+(coarse to fine: first on a half-size grid, which moves large displacements cheaply, then on
+the refinement grid):
 
     L = local reconstruction (every slice from each neighbour)
         + w_iss * inter-slice smoothness + w_smooth * in-plane smoothness
@@ -17,7 +19,7 @@ registration lacks).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -41,6 +43,9 @@ class InstanceOptimization:
     ----------
     iterations, learning_rate
         Adam steps on the flow fields and their step size (pixels of the refinement grid).
+    coarse_iterations
+        Adam steps first on a half-size grid with a half-size NCC window (0 = single grid);
+        none when ``iterations = 0``.
     max_size
         Largest in-plane size of the refinement grid (memory: slices x 4 x size^2 floats, ~20x).
     similarity, ncc_window
@@ -54,6 +59,7 @@ class InstanceOptimization:
     """
 
     iterations: int = 50
+    coarse_iterations: int = 50
     max_size: int = 128
     learning_rate: float = 0.1
     similarity: str = "ncc"
@@ -121,15 +127,36 @@ def optimize_flows(
     size = refinement_size(volume.shape[1:], settings.max_size)
     if settings.iterations <= 0 or volume.shape[0] < 2:
         return resize_flow(forward, size), resize_flow(backward, size)
-    slices = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None].to(device)
-    slices = F.interpolate(slices, size=size, mode="bilinear", align_corners=True)
-    # Optimised as one tensor (D, 4, H', W') so Adam treats both directions alike.
-    flows = torch.cat((resize_flow(forward, size), resize_flow(backward, size)), dim=1).to(device)
-    flows = flows.clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([flows], lr=settings.learning_rate)
+    stages = [(size, settings.iterations, settings.ncc_window)]
+    if settings.coarse_iterations > 0:
+        coarse = tuple(max(2, extent // 2) for extent in size)
+        stages.insert(0, (coarse, settings.coarse_iterations, max(3, settings.ncc_window // 2 | 1)))
     generator = torch.Generator().manual_seed(settings.seed)  # chain anchors: deterministic
+    volume_tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None].to(device)
+    for grid, iterations, window in stages:
+        forward, backward = resize_flow(forward, grid).to(device), resize_flow(backward, grid).to(device)
+        if iterations > 0:
+            slices = F.interpolate(volume_tensor, size=grid, mode="bilinear", align_corners=True)
+            forward, backward = _optimize_on_grid(
+                slices, forward, backward, iterations, replace(settings, ncc_window=window), generator
+            )
+    return forward.cpu().contiguous(), backward.cpu().contiguous()
+
+
+def _optimize_on_grid(
+    slices: torch.Tensor,
+    forward: torch.Tensor,
+    backward: torch.Tensor,
+    iterations: int,
+    settings: InstanceOptimization,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``iterations`` Adam steps on flows ``(D, 2, H, W)`` against slices ``(D, 1, H, W)`` of one grid."""
+    # Optimised as one tensor (D, 4, H, W) so Adam treats both directions alike.
+    flows = torch.cat((forward, backward), dim=1).clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([flows], lr=settings.learning_rate)
     with torch.enable_grad():
-        for _ in range(settings.iterations):
+        for _ in range(iterations):
             fwd, bwd = flows[:, 0:2], flows[:, 2:4]
             loss = (
                 neighbour_loss(slices, fwd, bwd, settings)
@@ -141,10 +168,10 @@ def optimize_flows(
             if settings.chain_weight > 0:
                 anchors = torch.randint(0, slices.shape[0], (settings.chain_anchors,), generator=generator)
                 loss = loss + settings.chain_weight * chain_term(
-                    slices, fwd, bwd, anchors.to(device), settings
+                    slices, fwd, bwd, anchors.to(slices.device), settings
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    flows = flows.detach().cpu()
-    return flows[:, 0:2].contiguous(), flows[:, 2:4].contiguous()
+    flows = flows.detach()
+    return flows[:, 0:2], flows[:, 2:4]

@@ -34,7 +34,7 @@ import torch
 from scipy import ndimage
 
 from mipseg.propagation.flow_net import FlowNet, split_flows, to_working_grid
-from mipseg.propagation.warping import resize_flow, warp_slice
+from mipseg.propagation.warping import resize_flow, symmetric_flows, warp_slice
 
 Transport = Callable[[np.ndarray, int, int], np.ndarray]
 """``transport(masks (K, H, W) float32 on slice src, src, dst) -> masks (K, H, W) on slice dst``."""
@@ -99,20 +99,32 @@ def predict_flows(
     return forward.cpu(), backward.cpu()
 
 
-def flow_transport(forward: torch.Tensor, backward: torch.Tensor, shape: tuple[int, int]) -> Transport:
+def flow_transport(
+    forward: torch.Tensor, backward: torch.Tensor, shape: tuple[int, int], *, symmetric: bool = True
+) -> Transport:
     """Transport masks between neighbouring slices with learned flows ``(D, 2, h, w)``.
 
     Flows are resized to the raw in-plane ``shape`` one slice at a time, so a large volume never
-    holds full-resolution flows for all slices.
+    holds full-resolution flows for all slices. With ``symmetric``, a mask moves by the mean of
+    two warps: by the flow of the step and by its inverse-consistent version
+    (:func:`~mipseg.propagation.warping.symmetric_flows`), which also uses the opposite
+    direction's flow of the same slice pair; the two errors are partly independent, so their
+    mean drifts less over long chains (documentation/propagate.md).
     """
+    pairs = [(forward, backward)]
+    if symmetric and forward.shape[0] > 1:
+        pairs.append(symmetric_flows(forward, backward))
 
     def transport(masks: np.ndarray, source: int, target: int) -> np.ndarray:
         if abs(target - source) != 1:
             raise ValueError("flow transport moves between neighbouring slices only")
-        flows = forward if target == source + 1 else backward
-        flow = resize_flow(flows[source : source + 1], shape)
-        moved = warp_slice(torch.from_numpy(masks[None].astype(np.float32)), flow, padding_mode="zeros")
-        return moved[0].numpy()
+        moving = torch.from_numpy(masks[None].astype(np.float32))
+        moved = []
+        for forward_flows, backward_flows in pairs:
+            flows = forward_flows if target == source + 1 else backward_flows
+            flow = resize_flow(flows[source : source + 1], shape)
+            moved.append(warp_slice(moving, flow, padding_mode="zeros")[0].numpy())
+        return np.mean(moved, axis=0) if len(moved) > 1 else moved[0]
 
     return transport
 

@@ -56,11 +56,13 @@ class PropagationSettings:
     ignore_slices: int = 1
     stop_rule: StopRule = StopRule()
     refinement: InstanceOptimization = InstanceOptimization()
+    symmetric_flows: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
             "refinement": self.refinement.to_json() if self.method == "flow" else None,
+            "symmetric_flows": self.symmetric_flows if self.method == "flow" else None,
             "verify": self.verify,
             "ignore_band": self.ignore_band,
             "ignore_slices": self.ignore_slices,
@@ -174,10 +176,11 @@ def propagate_dataset(
     """
     if settings.method not in TRANSPORT_METHODS:
         raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
-    if settings.refinement.iterations < 0 or settings.refinement.max_size < 2:
+    refinement = settings.refinement
+    if min(refinement.iterations, refinement.coarse_iterations) < 0 or refinement.max_size < 2:
         raise InputError(
-            f"--refine-iters {settings.refinement.iterations} / --refine-size "
-            f"{settings.refinement.max_size}: need at least 0 steps and 2 pixels"
+            f"--refine-iters {refinement.iterations} / --coarse-iters {refinement.coarse_iterations} / "
+            f"--refine-size {refinement.max_size}: need at least 0 steps and 2 pixels"
         )
     dataset = load_dataset(dataset_id)
     if dataset.spec.annotation != "slice":
@@ -242,15 +245,18 @@ def make_transport(
     model=None,
     device="cpu",
     refinement: InstanceOptimization = InstanceOptimization(),
+    symmetric: bool = True,
 ) -> Transport:
     """The mask transport of ``method`` for one normalised volume ``(D, H, W)``.
 
-    ``flow``: the network's flows, then optimised on this volume (``refinement``; label-free).
+    ``flow``: the network's flows, then optimised on this volume (``refinement``; label-free),
+    moving masks by the mean of the flows' and their inverse-consistent version's warps
+    (``symmetric``).
     """
     if method == "flow":
         forward, backward = predict_flows(model, volume, device)
         forward, backward = optimize_flows(volume, forward, backward, refinement, device)
-        return flow_transport(forward, backward, volume.shape[1:])
+        return flow_transport(forward, backward, volume.shape[1:], symmetric=symmetric)
     if method == "registration":
         return registration_transport(volume)
     return copy_transport
@@ -264,7 +270,9 @@ def propagate_case(
     raw, geometry = io.read_image(case.images[0], dtype=np.float32)
     volume = normalize_volume(raw)
     annotations = {index: io.read_png(path).astype(np.int16) for index, path in case.annotations.items()}
-    transport = make_transport(settings.method, volume, model, device, settings.refinement)
+    transport = make_transport(
+        settings.method, volume, model, device, settings.refinement, settings.symmetric_flows
+    )
     result = propagate_slices(
         volume,
         annotations,

@@ -98,3 +98,34 @@ def resize_flow(flow: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         device=flow.device,
     )
     return resized * scale.view(1, 2, 1, 1)
+
+
+def symmetric_flows(forward: torch.Tensor, backward: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average each slice pair's flow with the inverse of the opposite flow (inverse consistency).
+
+    ``forward[i]`` (on slice ``i+1``'s grid, sampling slice ``i``) and ``backward[i+1]`` (on slice
+    ``i``'s grid, sampling slice ``i+1``) describe one correspondence from both ends. To first
+    order the inverse of ``backward[i+1]`` is ``-backward[i+1]`` sampled at ``p + forward[i](p)``,
+    so the average of the two estimates is
+
+        forward'[i] = 0.5 * (forward[i] - warp(backward[i+1], forward[i]))
+
+    and symmetrically for ``backward'[i+1]``. Flows no pair uses (``forward[D-1]``,
+    ``backward[0]``) are returned unchanged.
+
+    Parameters
+    ----------
+    forward, backward : torch.Tensor, shape (D, 2, H, W)
+        Pixel flows in the convention of this module.
+
+    Returns
+    -------
+    forward, backward : torch.Tensor, shape (D, 2, H, W)
+    """
+    if forward.shape != backward.shape or forward.ndim != 4 or forward.shape[1] != 2:
+        raise ValueError(f"symmetric_flows expects two (D,2,H,W) flows, got {forward.shape} {backward.shape}")
+    used_forward, used_backward = forward[:-1], backward[1:]
+    forward_out, backward_out = forward.clone(), backward.clone()
+    forward_out[:-1] = 0.5 * (used_forward - warp_slice(used_backward, used_forward))
+    backward_out[1:] = 0.5 * (used_backward - warp_slice(used_forward, used_backward))
+    return forward_out, backward_out
