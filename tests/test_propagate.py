@@ -96,7 +96,6 @@ def test_resized_flow_moves_the_same_physical_distance():
     )
 
 
-
 def test_symmetric_flows_keep_consistent_pairs_and_average_inconsistent_ones():
     shift = torch.zeros(4, 2, 12, 12)
     shift[:, 0], shift[:, 1] = 1.5, -0.5
@@ -108,6 +107,7 @@ def test_symmetric_flows_keep_consistent_pairs_and_average_inconsistent_ones():
     assert torch.equal(forward[-1], shift[-1]) and torch.equal(backward[0], torch.zeros(2, 12, 12))
     with pytest.raises(ValueError):
         symmetric_flows(shift, shift[:, :1])
+
 
 def test_demons_displacement_follows_the_flow_convention():
     image, _, forward, _ = translating_organ(depth=3, size=48, shift=(2.0, 0.0))
