@@ -115,10 +115,12 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     dataset = load_dataset(dataset_id)
     settings = FlowTrainingSettings(iterations=args.iters, similarity=args.similarity, seed=args.seed)
     began = time.perf_counter()
+    iterations = args.iters
     if name in args.checkpoints:  # trained earlier (its own training time is in its log)
         checkpoint = Path(args.checkpoints[name])
-        log = torch.load(checkpoint, map_location="cpu", weights_only=False)["logging"]
-        training_seconds = float(sum(entry["seconds"] for entry in log))
+        stored = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        training_seconds = float(sum(entry["seconds"] for entry in stored["logging"]))
+        iterations = int(stored["settings"]["iterations"])
     else:
         checkpoint = ensure_flow_model(dataset, settings, device="cpu", show_progress=False)
         training_seconds = time.perf_counter() - began
@@ -133,7 +135,7 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     return {
         "source": name,
         "training_seconds": training_seconds,
-        "iterations": args.iters,
+        "iterations": iterations,
         "refinement": refinement.to_json(),
         "rows": rows,
     }
