@@ -130,6 +130,7 @@ def optimize_flows(
     stages = [(size, settings.iterations, settings.ncc_window)]
     if settings.coarse_iterations > 0:
         coarse = tuple(max(2, extent // 2) for extent in size)
+        # Half the window on half the grid covers the same field of view (kept odd, centred).
         stages.insert(0, (coarse, settings.coarse_iterations, max(3, settings.ncc_window // 2 | 1)))
     generator = torch.Generator().manual_seed(settings.seed)  # chain anchors: deterministic
     volume_tensor = torch.from_numpy(np.ascontiguousarray(volume, dtype=np.float32))[:, None].to(device)
