@@ -36,7 +36,7 @@ from mipseg.propagation.propagate import (
     predict_flows,
     propagate_slices,
 )
-from mipseg.propagation.slice_selection import slice_picture, suggest_slice
+from mipseg.propagation.slice_selection import CENTRAL_FRACTION, slice_picture, suggest_slice
 from mipseg.propagation.train_flow import (
     FlowTrainingSettings,
     flow_model_dir,
@@ -146,7 +146,10 @@ def suggest_slices(
     return io.write_json(
         {
             "flow_model": str(checkpoint),
-            "criterion": "lowest chain-length-weighted reconstruction error, central half of the body",
+            "criterion": (
+                "lowest chain-length-weighted reconstruction error among slices in the central "
+                f"{CENTRAL_FRACTION:.0%} of the body's extent"
+            ),
             "cases": suggestions,
         },
         folder / "suggested_slices.json",

@@ -27,9 +27,9 @@ CENTRAL_FRACTION = 0.15
 
 
 def candidate_slices(volume: np.ndarray) -> np.ndarray:
-    """Slices with at least half the maximum body area (pixels above 0.05 of [0, 1]), central half only.
+    """Slices with at least half the maximum body area (pixels above 0.05 of [0, 1]), central band only.
 
-    The central half is the middle ``CENTRAL_FRACTION`` of the range from the first to the last
+    The central band is the middle ``CENTRAL_FRACTION`` of the range from the first to the last
     slice with any body; when no slice qualifies, every slice of the range is a candidate.
     """
     area = (volume > BODY_THRESHOLD).sum(axis=(1, 2))
