@@ -338,10 +338,15 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
                 "3",
                 "--refine-iters",
                 "10",
+                "--coarse-iters",
+                "5",
             ],
         )
         assert outcome.exit_code == 0, outcome.output
         folder = paths.labelset_dir(organ_dataset, name)
+        if method == "flow":
+            settings = json.loads((folder / "labelset.json").read_text())["settings"]
+            assert settings["refinement"]["coarse_iterations"] == 5 and settings["symmetric_flows"]
         report = json.loads((folder / "report.json").read_text())
         assert report["method"] == method and len(report["cases"]) == 2
         assert report["mean_dice"]["1"] > 0.6, report["mean_dice"]
@@ -352,3 +357,5 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     assert bad.exit_code == 2 and "--method magic" in bad.output
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--refine-iters", "-1"])
     assert bad.exit_code == 2 and "--refine-iters -1" in bad.output
+    bad = runner.invoke(app, ["-d", str(organ_dataset), "--coarse-iters", "-2"])
+    assert bad.exit_code == 2 and "--coarse-iters -2" in bad.output
