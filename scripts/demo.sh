@@ -141,6 +141,10 @@ run mipseg_plan -d "$ORGAN_ID" -np "$NP"
 step "train the self-supervised flow model and suggest the slice to annotate per case"
 run mipseg_propagate -d "$ORGAN_ID" --suggest --iters "$FLOW_ITERS"
 
+step "the annotator draws the suggested slices (simulated: the synthetic truth on those slices)"
+run py "from mipseg import paths; from mipseg.synthetic import annotate_suggested_slices as draw; \
+print(draw($ORGAN_ID, paths.preprocessed_dataset_dir($ORGAN_ID) / 'suggested_slices.json'))"
+
 step "propagate the annotated slices through the volumes: registration, then flow"
 run mipseg_propagate -d "$ORGAN_ID" --method registration --name registration --iters "$FLOW_ITERS"
 run mipseg_propagate -d "$ORGAN_ID" --method flow --name propagated --iters "$FLOW_ITERS"

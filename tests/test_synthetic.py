@@ -14,6 +14,7 @@ from mipseg.cli.synthesize import app
 from mipseg.dataset import load_dataset
 from mipseg.errors import InputError
 from mipseg.synthetic import (
+    annotate_suggested_slices,
     best_threshold_dice,
     make_organ_volume,
     make_vessel_volume,
@@ -206,6 +207,23 @@ def test_organ_dataset_has_one_annotated_slice_per_case(data_roots):
         [(index, png)] = case.annotations.items()
         assert index == int(np.argmax(label.sum((1, 2))))
         np.testing.assert_array_equal(io.read_png(png), label[index])
+
+
+def test_suggested_slices_are_drawn_from_the_truth(data_roots, tmp_path):
+    synthesize_dataset(907, "organs", num_cases=2, shape=(16, 40, 40), num_test_cases=0)
+    first, second = load_dataset(907).cases
+    empty = int(np.flatnonzero(~io.read_image(second.label)[0].any(axis=(1, 2)))[0])
+    suggestions = io.write_json(
+        {"cases": {first.case_id: {"slice": 7}, second.case_id: {"slice": empty}}}, tmp_path / "s.json"
+    )
+    assert annotate_suggested_slices(907, suggestions) == {first.case_id: 7, second.case_id: None}
+    first, second = load_dataset(907).cases
+    assert list(first.annotations) == [7] and not second.annotations
+    np.testing.assert_array_equal(io.read_png(first.annotations[7]), io.read_image(first.label)[0][7])
+    spec = io.read_json(first.images[0].parents[1] / "dataset.json")
+    assert spec["synthetic"]["slice_choice"] == "suggested"
+    with pytest.raises(InputError, match="--suggest first"):
+        annotate_suggested_slices(907, tmp_path / "missing.json")
 
 
 def test_bad_arguments_are_input_errors(data_roots):

@@ -11,10 +11,11 @@ from mipseg.synthetic.annotation import (
 )
 from mipseg.synthetic.organs import make_organ_volume
 from mipseg.synthetic.vessels import make_vessel_volume
-from mipseg.synthetic.writer import KINDS, synthesize_dataset, synthetic_geometry
+from mipseg.synthetic.writer import KINDS, annotate_suggested_slices, synthesize_dataset, synthetic_geometry
 
 __all__ = [
     "KINDS",
+    "annotate_suggested_slices",
     "best_threshold_dice",
     "make_organ_volume",
     "make_vessel_volume",

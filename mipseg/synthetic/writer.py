@@ -261,3 +261,44 @@ def _check_existing(folder: Path, dataset_id: int, overwrite: bool) -> None:
         )
     if folder.exists() and not overwrite:
         raise InputError(f"{folder}: dataset already exists; pass --overwrite to replace it")
+
+
+def annotate_suggested_slices(dataset_id: str | int, suggestions_file: Path) -> dict[str, int | None]:
+    """Simulate an annotator who draws the slices ``mipseg_propagate --suggest`` proposed.
+
+    For every case in ``suggestions_file`` (``suggested_slices.json``), the case's slice
+    annotations ``annotationsTr/{case}_slice*.png`` are replaced by the dense truth
+    ``labelsTr/{case}`` on the suggested slice. A suggested slice without foreground gets no
+    drawing (the case then has no annotation, as when an annotator finds nothing to draw).
+    ``dataset.json``'s ``synthetic.slice_choice`` becomes ``"suggested"``.
+
+    Returns
+    -------
+    dict
+        Case -> the slice drawn, or None where the suggested slice held no foreground.
+    """
+    folder = paths.raw_dataset_dir(dataset_id)
+    if not Path(suggestions_file).is_file():
+        raise InputError(
+            f"{suggestions_file}: not found; run mipseg_propagate -d {dataset_id} --suggest first"
+        )
+    suggestions = io.read_json(suggestions_file)["cases"]
+    drawn: dict[str, int | None] = {}
+    for case_id, suggestion in sorted(suggestions.items()):
+        label_path = folder / "labelsTr" / f"{case_id}.nii.gz"
+        if not label_path.is_file():
+            raise InputError(f"{label_path}: no dense truth to draw the suggested slice from")
+        label, _ = io.read_image(label_path)
+        index = int(suggestion["slice"])
+        for old in (folder / "annotationsTr").glob(f"{case_id}_slice*.png"):
+            old.unlink()
+        if not label[index].any():
+            drawn[case_id] = None
+            continue
+        io.write_png(label[index].astype(np.uint8), folder / "annotationsTr" / f"{case_id}_slice{index}.png")
+        drawn[case_id] = index
+    spec = io.read_json(folder / "dataset.json")
+    if isinstance(spec.get("synthetic"), dict):  # keep the record of how the drawings were made true
+        spec["synthetic"]["slice_choice"] = "suggested"
+        io.write_json(spec, folder / "dataset.json")
+    return drawn
