@@ -4,8 +4,9 @@ For every source volume set (synthetic organs, ``../shared/data/abdomen_ct_small
 ``abdomen_mr_small``), the flow model is trained self-supervised on the images (no labels),
 then every organ is propagated on its own from (a) the suggested slice (if the organ is on it)
 and (b) the organ's largest-area slice, with each method, through the same verification and
-stop rule. Methods: ``flow`` (network flows + label-free per-volume optimisation, the default),
-``flow_net`` (the network's flows alone), ``registration`` (Demons), ``copy``. Prints and
+stop rule. Methods: ``flow`` (network flows + label-free coarse-to-fine per-volume optimisation +
+symmetric transport, the default), ``flow_net`` (the network's flows alone, symmetric transport),
+``registration`` (Demons), ``copy``. Prints and
 writes a JSON table of 3D Dice per organ (and flow minus registration), plus training and
 propagation wall time.
 
