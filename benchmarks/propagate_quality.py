@@ -146,7 +146,7 @@ def _table_line(source: str, organ: str, start: str, means: list[float]) -> str:
     return (
         f"{source:<18}{organ:<14}{start:<10}"
         + "".join(f"{v:>14.3f}" for v in means)
-        + f"{means[0] - means[METHODS.index('registration')]:>+12.3f}"
+        + f"{means[METHODS.index('flow')] - means[METHODS.index('registration')]:>+12.3f}"
     )
 
 
@@ -193,7 +193,7 @@ def summarize(results: list[dict]) -> str:
             f"({result['iterations']} iterations)"
         )
     if len(results) > 1 and entries:
-        margins = np.array([e[0] - e[METHODS.index("registration")] for e in entries])
+        margins = np.array([e[METHODS.index("flow")] - e[METHODS.index("registration")] for e in entries])
         lines.append(
             _table_line("all sources", f"{len(entries)} entries", "both", list(np.mean(entries, axis=0)))
             + f"   flow vs registration: {int((margins > 5e-4).sum())} wins, "
