@@ -318,6 +318,43 @@ def test_suggestions_are_deterministic(organ_dataset):
     assert suggest_slice(model, volume) == suggest_slice(model, volume)
 
 
+def test_interrupted_propagation_resumes_with_the_remaining_cases(organ_dataset, monkeypatch):
+    from mipseg.errors import InputError
+    from mipseg.propagation import propagate_api
+    from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset
+
+    settings = PropagationSettings(method="copy")
+    real_case, calls = propagate_api.propagate_case, []
+
+    def interrupted_on_second_case(dataset, case, *args, **kwargs):
+        calls.append(case.case_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_case(dataset, case, *args, **kwargs)
+
+    monkeypatch.setattr(propagate_api, "propagate_case", interrupted_on_second_case)
+    with pytest.raises(KeyboardInterrupt):
+        propagate_dataset(organ_dataset, name="copied", settings=settings, show_progress=False)
+    folder = paths.labelset_dir(organ_dataset, "copied")
+    assert [entry["case"] for entry in io.read_json(folder / "report.json")["cases"]] == ["organs_000"]
+
+    calls.clear()
+    propagate_dataset(organ_dataset, name="copied", settings=settings, resume=True, show_progress=False)
+    assert calls == ["organs_001"]  # the finished case is kept, not propagated again
+    report = io.read_json(folder / "report.json")
+    assert [entry["case"] for entry in report["cases"]] == ["organs_000", "organs_001"]
+    assert (folder / "organs_001.nii.gz").is_file() and report["mean_dice"]["1"] > 0.3
+
+    with pytest.raises(InputError, match="other settings"):
+        propagate_dataset(
+            organ_dataset,
+            name="copied",
+            settings=PropagationSettings(method="copy", ignore_band=3),
+            resume=True,
+            show_progress=False,
+        )
+
+
 def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     from typer.testing import CliRunner
 
@@ -343,6 +380,7 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
             ],
         )
         assert outcome.exit_code == 0, outcome.output
+        assert "(2 cases)" in outcome.output and "mean Dice against labelsTr: organ" in outcome.output
         folder = paths.labelset_dir(organ_dataset, name)
         if method == "flow":
             settings = json.loads((folder / "labelset.json").read_text())["settings"]

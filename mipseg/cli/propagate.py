@@ -36,7 +36,12 @@ def propagate(
         str, typer.Option("--similarity", help="Reconstruction similarity: mse or ncc.")
     ] = "mse",
     continue_training: Annotated[
-        bool, typer.Option("--continue", help="Resume an interrupted flow model training.")
+        bool,
+        typer.Option(
+            "--continue",
+            help="Resume an interrupted run: the flow model's training, and keep cases an earlier run "
+            "with the same settings already propagated.",
+        ),
     ] = False,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip the intensity verification of propagated masks.")
@@ -73,6 +78,7 @@ def propagate(
     debug: DebugOption = False,
 ) -> None:
     """Train flows if needed, then propagate every annotated case (or suggest slices)."""
+    from mipseg import io
     from mipseg.propagation.instance_optimization import InstanceOptimization
     from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset, suggest_slices
     from mipseg.propagation.train_flow import FlowTrainingSettings
@@ -81,7 +87,7 @@ def propagate(
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
         if suggest:
             path = suggest_slices(dataset, flow_settings, continue_training=continue_training, device=device)
-            Console().print(f"suggestions written to {path}")
+            Console(soft_wrap=True).print(f"suggestions written to {path}")
             return
         refinement = InstanceOptimization(
             iterations=refine_iters, coarse_iterations=coarse_iters, max_size=refine_size, seed=seed
@@ -99,9 +105,19 @@ def propagate(
             settings=settings,
             flow_settings=flow_settings,
             continue_training=continue_training,
+            resume=continue_training,
             device=device,
         )
-    Console().print(f"label set written to {folder}")
+        report = io.read_json(folder / "report.json")
+        label_values = io.read_json(folder / "labelset.json")["labels"]
+        names = {str(value): label for label, value in label_values.items()}
+    console = Console(soft_wrap=True)  # paths stay on one line, whole, for copying
+    console.print(f"label set written to {folder} ({len(report['cases'])} cases)")
+    if report["unannotated_cases"]:
+        console.print(f"no annotation, not propagated: {', '.join(report['unannotated_cases'])}")
+    if report["mean_dice"]:
+        dice = ", ".join(f"{names.get(key, key)} {value:.3f}" for key, value in report["mean_dice"].items())
+        console.print(f"mean Dice against labelsTr: {dice}")
 
 
 def main() -> None:

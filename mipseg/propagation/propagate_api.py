@@ -15,6 +15,7 @@ only the network sees slices resized in-plane to its working grid.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,6 +43,7 @@ from mipseg.propagation.train_flow import (
     flow_model_dir,
     load_flow_model,
     load_normalized_image,
+    progress_bar,
     train_flow_model,
 )
 
@@ -131,18 +133,19 @@ def suggest_slices(
     model = load_flow_model(checkpoint, torch_device)
     folder = paths.preprocessed_dataset_dir(dataset.name)
     suggestions: dict[str, Any] = {}
-    for case in dataset.cases:
-        volume = load_normalized_image(case.images[0])
-        index, errors = suggest_slice(model, volume, torch_device)
-        picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
-        io.write_png(slice_picture(volume, index), picture)
-        suggestions[case.case_id] = {
-            "slice": index,
-            "axis": 0,
-            "annotation_file": f"annotationsTr/{case.case_id}_slice{index}.png",
-            "picture": str(picture.relative_to(folder)),
-            "reconstruction_error": errors,
-        }
+    with progress_bar(show_progress) as bar:
+        for case in bar.track(dataset.cases, description="suggesting slices"):
+            volume = load_normalized_image(case.images[0])
+            index, errors = suggest_slice(model, volume, torch_device)
+            picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
+            io.write_png(slice_picture(volume, index), picture)
+            suggestions[case.case_id] = {
+                "slice": index,
+                "axis": 0,
+                "annotation_file": f"annotationsTr/{case.case_id}_slice{index}.png",
+                "picture": str(picture.relative_to(folder)),
+                "reconstruction_error": errors,
+            }
     return io.write_json(
         {
             "flow_model": str(checkpoint),
@@ -163,10 +166,15 @@ def propagate_dataset(
     settings: PropagationSettings = PropagationSettings(),
     flow_settings: FlowTrainingSettings = FlowTrainingSettings(),
     continue_training: bool = False,
+    resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
 ) -> Path:
     """Propagate every annotated case of a slice-annotated dataset into label set ``name``.
+
+    ``report.json`` is rewritten after every case, so an interrupted run keeps what it finished;
+    with ``resume`` (``--continue``) cases already in the report, with their label map on disk and
+    made with the same settings and flow model, are kept instead of propagated again.
 
     Returns
     -------
@@ -175,7 +183,8 @@ def propagate_dataset(
     Raises
     ------
     InputError
-        Not a slice-annotated dataset, no annotated case, unknown method, bad dataset.
+        Not a slice-annotated dataset, no annotated case, unknown method, bad dataset, or
+        ``resume`` on a label set made with other settings.
     """
     if settings.method not in TRANSPORT_METHODS:
         raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
@@ -208,20 +217,55 @@ def propagate_dataset(
         model = load_flow_model(checkpoint, torch_device)
 
     folder = paths.labelset_dir(dataset.name, name)
-    io.write_json(labelset_description(dataset, name, settings, checkpoint), folder / "labelset.json")
-    entries = []
-    for case in annotated:
-        entries.append(propagate_case(dataset, case, settings, folder, model, torch_device))
-    report = {
-        "method": settings.method,
-        "flow_model": str(checkpoint) if checkpoint else None,
-        "flow_model_seconds": training_seconds,
-        "unannotated_cases": [c.case_id for c in dataset.cases if not c.annotations],
-        "mean_dice": _mean_dice(entries),
-        "cases": entries,
-    }
-    io.write_json(report, folder / "report.json")
+    description = labelset_description(dataset, name, settings, checkpoint)
+    finished = _finished_cases(folder, description) if resume else {}
+    io.write_json(description, folder / "labelset.json")
+    entries = {case.case_id: finished[case.case_id] for case in annotated if case.case_id in finished}
+
+    def write_report() -> None:
+        ordered = [entries[case.case_id] for case in annotated if case.case_id in entries]
+        report = {
+            "method": settings.method,
+            "flow_model": str(checkpoint) if checkpoint else None,
+            "flow_model_seconds": training_seconds,
+            "unannotated_cases": [c.case_id for c in dataset.cases if not c.annotations],
+            "mean_dice": _mean_dice(ordered),
+            "cases": ordered,
+        }
+        io.write_json(report, folder / "report.json")
+
+    with progress_bar(show_progress) as bar:
+        task = bar.add_task(f"propagating ({settings.method})", total=len(annotated), completed=len(entries))
+        for case in annotated:
+            if case.case_id not in entries:
+                entries[case.case_id] = propagate_case(dataset, case, settings, folder, model, torch_device)
+                write_report()
+                bar.advance(task)
+    write_report()
     return folder
+
+
+def _finished_cases(folder: Path, description: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Report entries of an earlier run of the same label set whose label map exists, by case id.
+
+    Raises :class:`InputError` when the earlier run used other settings or another flow model:
+    mixing them in one label set would go unnoticed.
+    """
+    description_path, report_path = folder / "labelset.json", folder / "report.json"
+    if not (description_path.is_file() and report_path.is_file()):
+        return {}
+    earlier = io.read_json(description_path)
+    # JSON round trip, so tuples in the new description compare equal to the lists read back.
+    current = json.loads(json.dumps(description))
+    differences = {"settings": "other settings", "flow_model": "another flow model"}
+    changed = [words for key, words in differences.items() if earlier.get(key) != current[key]]
+    if changed:
+        raise InputError(
+            f"{description_path}: made with {' and '.join(changed)} than this run; run without "
+            "--continue to remake the label set, or choose another --name"
+        )
+    entries = io.read_json(report_path).get("cases", [])
+    return {entry["case"]: entry for entry in entries if (folder / f"{entry['case']}.nii.gz").is_file()}
 
 
 def labelset_description(

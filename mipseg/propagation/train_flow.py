@@ -156,7 +156,7 @@ def train_flow_model(
     model.train()
     iteration, iteration_rng_state = start, None
     try:
-        with _progress(show_progress) as progress:
+        with progress_bar(show_progress) as progress:
             task = progress.add_task("training flow", total=settings.iterations, completed=start)
             for iteration in range(start, settings.iterations):
                 began = time.perf_counter()
@@ -276,7 +276,8 @@ def _plot_progress(path: Path, log: list[dict]) -> None:
     plt.close(figure)
 
 
-def _progress(show: bool) -> Progress:
+def progress_bar(show: bool) -> Progress:
+    """The progress bar of the propagation stage (training iterations, cases)."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
