@@ -24,13 +24,27 @@ from mipseg.propagation.warping import warp_slice
 SIMILARITIES = ("mse", "ncc")
 
 
+def box_mean(images: torch.Tensor, window: int) -> torch.Tensor:
+    """Mean over every ``window x window`` patch of ``(B, C, H, W)``: ``(B, C, H - w + 1, W - w + 1)``.
+
+    Equal to ``F.avg_pool2d(images, window, stride=1)`` up to float rounding (about 1e-6 on [0, 1]
+    images), but separable and by running sums, so its cost does not grow with the window: the
+    per-volume flow optimisation of abdomen_ct_small (NCC window 9 then 17) went from 21.4 s to
+    7.4 s on 2 CPU threads, where ``avg_pool2d`` and its backward had taken three quarters.
+    """
+    rows = torch.cumsum(F.pad(images, (1, 0)), dim=3)
+    rows = rows[..., window:] - rows[..., :-window]
+    columns = torch.cumsum(F.pad(rows, (0, 0, 1, 0)), dim=2)
+    return (columns[:, :, window:] - columns[:, :, :-window]) / (window * window)
+
+
 def local_ncc_loss(prediction: torch.Tensor, target: torch.Tensor, window: int = 9) -> torch.Tensor:
     """``1 - mean local NCC`` of two image batches ``(B, 1, H, W)`` over ``window x window`` patches."""
     pad = window // 2
     stacked = torch.cat(
         (prediction, target, prediction * prediction, target * target, prediction * target), dim=1
     )
-    means = F.avg_pool2d(F.pad(stacked, (pad,) * 4, mode="replicate"), window, stride=1)
+    means = box_mean(F.pad(stacked, (pad,) * 4, mode="replicate"), window)
     mu_p, mu_t, mu_pp, mu_tt, mu_pt = means.unbind(dim=1)
     covariance = mu_pt - mu_p * mu_t
     variance_p = (mu_pp - mu_p * mu_p).clamp_min(0)
