@@ -21,6 +21,7 @@ from mipseg.propagation.instance_optimization import (
     refinement_size,
 )
 from mipseg.propagation.losses import (
+    box_mean,
     chain_loss,
     curriculum_span,
     inter_slice_smoothness,
@@ -139,6 +140,13 @@ def test_losses_and_curriculum():
     assert float(chain_loss(slices, zero, zero, anchors, 5, "mse")) > 0
     spans = [curriculum_span(i, 100, 20) for i in range(100)]
     assert spans[0] == 1 and spans[-1] == 19 and spans == sorted(spans)
+
+
+@pytest.mark.parametrize("window", [1, 5, 17])
+def test_box_mean_equals_average_pooling(window):
+    images = torch.rand(3, 5, 40, 33, dtype=torch.float64)
+    expected = torch.nn.functional.avg_pool2d(images, window, stride=1)
+    assert torch.allclose(box_mean(images, window), expected, atol=1e-12)
 
 
 def test_known_flows_reconstruct_the_phantom():
