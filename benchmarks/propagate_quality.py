@@ -108,7 +108,7 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     """Train the flow model on a dataset folder and evaluate every volume."""
     from mipseg.dataset import load_dataset
     from mipseg.propagation.flow_net import normalize_volume
-    from mipseg.propagation.instance_optimization import InstanceOptimization
+    from mipseg.propagation.instance_optimization import InstanceOptimization, for_slice_spacing
     from mipseg.propagation.propagate_api import ensure_flow_model
     from mipseg.propagation.slice_selection import suggest_slice
     from mipseg.propagation.train_flow import FlowTrainingSettings, load_flow_model
@@ -128,10 +128,12 @@ def run_source(name: str, dataset_id: int, volumes_and_truth, args) -> dict:
     model = load_flow_model(checkpoint)
     refinement = InstanceOptimization(iterations=args.refine_iters, max_size=args.refine_size)
     rows = []
-    for case_name, image, organ_masks in volumes_and_truth:
+    for case_name, image, slice_spacing, organ_masks in volumes_and_truth:
         volume = normalize_volume(image)
         suggested, _ = suggest_slice(model, volume)
-        for row in evaluate_volume(volume, organ_masks, model, suggested, refinement):
+        # As mipseg_propagate: smoothness weights scaled for slices thinner than 3 mm.
+        case_refinement = for_slice_spacing(refinement, slice_spacing)
+        for row in evaluate_volume(volume, organ_masks, model, suggested, case_refinement):
             rows.append({"source": name, "case": case_name, "suggested_slice": suggested, **row})
     return {
         "source": name,
@@ -251,15 +253,15 @@ def main() -> None:
                 cases = []
                 for image_path in sorted((folder / "imagesTr").glob("*_0000.nii.gz")):
                     case_id = image_path.name[: -len("_0000.nii.gz")]
-                    image, _ = io.read_image(image_path, dtype=np.float32)
+                    image, geometry = io.read_image(image_path, dtype=np.float32)
                     label, _ = io.read_image(folder / "labelsTr" / f"{case_id}.nii.gz")
-                    cases.append((case_id, image, {"organ": label == 1}))
+                    cases.append((case_id, image, geometry.spacing_zyx[0], {"organ": label == 1}))
             else:
                 write_real_dataset(raw_root, dataset_id, source, args.shared / f"{source}.nii.gz")
-                image, _ = io.read_image(args.shared / f"{source}.nii.gz", dtype=np.float32)
+                image, geometry = io.read_image(args.shared / f"{source}.nii.gz", dtype=np.float32)
                 organs, _ = io.read_image(args.shared / f"{source}_organs.nii.gz")
                 masks = {organ: organs == value for organ, value in ORGANS.items() if (organs == value).any()}
-                cases = [(source, image, masks)]
+                cases = [(source, image, geometry.spacing_zyx[0], masks)]
             results.append(run_source(source, dataset_id, cases, args))
             print(summarize(results[-1:]), flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")

@@ -4,6 +4,7 @@ propagation quality on synthetic organs, deterministic suggestions, the command 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from mipseg.propagation.baselines import copy_transport, demons_flow, registrati
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume
 from mipseg.propagation.instance_optimization import (
     InstanceOptimization,
+    for_slice_spacing,
     neighbour_loss,
     optimize_flows,
     refinement_size,
@@ -140,6 +142,14 @@ def test_losses_and_curriculum():
     assert float(chain_loss(slices, zero, zero, anchors, 5, "mse")) > 0
     spans = [curriculum_span(i, 100, 20) for i in range(100)]
     assert spans[0] == 1 and spans[-1] == 19 and spans == sorted(spans)
+
+
+def test_smoothness_weights_scale_for_thin_slices_only():
+    settings = InstanceOptimization(iss_weight=0.1, smooth_weight=0.2)
+    thin = for_slice_spacing(settings, 1.5)
+    assert thin.iss_weight == pytest.approx(0.025) and thin.smooth_weight == pytest.approx(0.05)
+    assert for_slice_spacing(settings, 3.0) == settings and for_slice_spacing(settings, 5.0) == settings
+    assert for_slice_spacing(replace(settings, reference_spacing=0.0), 1.0).iss_weight == 0.1
 
 
 @pytest.mark.parametrize("window", [1, 5, 17])
@@ -405,3 +415,5 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     assert bad.exit_code == 2 and "--refine-iters -1" in bad.output
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--coarse-iters", "-2"])
     assert bad.exit_code == 2 and "--coarse-iters -2" in bad.output
+    bad = runner.invoke(app, ["-d", str(organ_dataset), "--reference-spacing", "-1"])
+    assert bad.exit_code == 2 and "--reference-spacing -1.0" in bad.output

@@ -66,6 +66,14 @@ def propagate(
     refine_size: Annotated[
         int, typer.Option("--refine-size", help="Largest in-plane size (pixels) of the per-volume flows.")
     ] = 128,
+    reference_spacing: Annotated[
+        float,
+        typer.Option(
+            "--reference-spacing",
+            help="Slice spacing (mm) the flow smoothness weights are meant for; thinner slices get "
+            "them scaled by (spacing / this)^2. 0 = never scale.",
+        ),
+    ] = 3.0,
     no_symmetric_flows: Annotated[
         bool,
         typer.Option(
@@ -90,7 +98,11 @@ def propagate(
             Console(soft_wrap=True).print(f"suggestions written to {path}")
             return
         refinement = InstanceOptimization(
-            iterations=refine_iters, coarse_iterations=coarse_iters, max_size=refine_size, seed=seed
+            iterations=refine_iters,
+            coarse_iterations=coarse_iters,
+            max_size=refine_size,
+            reference_spacing=reference_spacing,
+            seed=seed,
         )
         settings = PropagationSettings(
             method=method,

@@ -29,7 +29,7 @@ from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, registration_transport
 from mipseg.propagation.flow_net import normalize_volume
-from mipseg.propagation.instance_optimization import InstanceOptimization, optimize_flows
+from mipseg.propagation.instance_optimization import InstanceOptimization, for_slice_spacing, optimize_flows
 from mipseg.propagation.propagate import (
     StopRule,
     Transport,
@@ -194,6 +194,8 @@ def propagate_dataset(
             f"--refine-iters {refinement.iterations} / --coarse-iters {refinement.coarse_iterations} / "
             f"--refine-size {refinement.max_size}: need at least 0 steps and 2 pixels"
         )
+    if refinement.reference_spacing < 0:
+        raise InputError(f"--reference-spacing {refinement.reference_spacing}: must be >= 0 (0 = no scaling)")
     dataset = load_dataset(dataset_id)
     if dataset.spec.annotation != "slice":
         raise InputError(
@@ -317,9 +319,8 @@ def propagate_case(
     raw, geometry = io.read_image(case.images[0], dtype=np.float32)
     volume = normalize_volume(raw)
     annotations = {index: io.read_png(path).astype(np.int16) for index, path in case.annotations.items()}
-    transport = make_transport(
-        settings.method, volume, model, device, settings.refinement, settings.symmetric_flows
-    )
+    refinement = for_slice_spacing(settings.refinement, geometry.spacing_zyx[0])
+    transport = make_transport(settings.method, volume, model, device, refinement, settings.symmetric_flows)
     result = propagate_slices(
         volume,
         annotations,
@@ -342,6 +343,8 @@ def propagate_case(
         "unsure_fraction": float(result.unsure.mean()),
         "seconds": time.perf_counter() - began,
     }
+    if settings.method == "flow":
+        entry["smoothness_weights"] = {"iss": refinement.iss_weight, "in_plane": refinement.smooth_weight}
     if case.label is not None:
         truth, _ = io.read_image(case.label)
         entry["dice"] = dice_per_class(result.labels, truth, dataset.spec.foreground_labels)
