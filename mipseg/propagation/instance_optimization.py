@@ -85,7 +85,7 @@ def for_slice_spacing(settings: InstanceOptimization, slice_spacing: float) -> I
 
     The regularisation keeps every slice-to-slice displacement a little short of what the images
     ask for, and propagation compounds that bias once per slice: an organ that grows over 60 thin
-    slices shrank to a third of its area with the 3-mm weights (documentation/propagate.md, thin
+    slices shrank to a tenth of its area with the 3-mm weights (documentation/propagate.md, thin
     slices). Below ``reference_spacing`` the ISS and in-plane smoothness weights are therefore
     scaled by ``(slice_spacing / reference_spacing) ** 2``; from ``reference_spacing`` up, and
     with ``reference_spacing = 0``, the settings are returned unchanged.
