@@ -243,7 +243,7 @@ def propagate_dataset(
                 entries[case.case_id] = propagate_case(dataset, case, settings, folder, model, torch_device)
                 write_report()
                 bar.advance(task)
-    write_report()
+    write_report()  # also when every case was kept: drops entries of cases no longer annotated
     return folder
 
 
