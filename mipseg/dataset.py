@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.annotation_png import read_annotation_values, values_to_classes
 from mipseg.errors import InputError
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -293,12 +294,13 @@ def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) ->
 
 
 def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, ...], key: int) -> list[str]:
-    """Problems of one annotation PNG: unreadable, wrong grid, empty, unknown label values.
+    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty, unknown label values.
 
-    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode).
+    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode). Values follow
+    :mod:`mipseg.annotation_png` (one foreground class: any nonzero pixel is it).
     """
     try:
-        array = io.read_png(path)
+        array = read_annotation_values(path)
     except InputError as error:
         return error.problems
     if spec.annotation == "slice":
@@ -313,10 +315,10 @@ def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, 
         return [f"{path}: size {array.shape} (rows, columns) does not match the {grid}"]
     if not np.any(array):
         return [f"{path}: empty annotation (no nonzero pixel)"]
-    if spec.annotation == "slice":
-        unknown = sorted(set(np.unique(array).tolist()) - set(spec.class_labels.values()))
-        if unknown:
-            return [f"{path}: pixel values {unknown} are not labels in dataset.json"]
+    try:
+        values_to_classes(array, list(spec.class_labels.values()), path)
+    except InputError as error:
+        return error.problems
     return []
 
 
