@@ -202,6 +202,7 @@ def load_dataset(
     read_voxels: bool = True,
     require_annotations: bool = False,
     require_labels: bool = False,
+    check_annotations: bool = True,
 ) -> Dataset:
     """Load and completely validate a raw dataset.
 
@@ -217,6 +218,9 @@ def load_dataset(
         ``mip_axes``; slice: at least one slice).
     require_labels
         Every training case must have a dense label in labelsTr.
+    check_annotations
+        Read every annotation PNG (grid, values, not empty). ``mipseg_annotate`` turns it off to
+        open a dataset whose drawings it is there to fix; file names are checked either way.
 
     Raises
     ------
@@ -246,7 +250,7 @@ def load_dataset(
     checked: list[Case] = []
     for case_id, images in cases.items():
         case = Case(case_id, tuple(images), labels.get(case_id), annotations.get(case_id, {}))
-        problems += validate_case(case, spec, read_voxels=read_voxels)
+        problems += validate_case(case, spec, read_voxels=read_voxels, check_annotations=check_annotations)
         if require_labels and case.label is None:
             problems.append(f"{folder / 'labelsTr' / (case_id + spec.file_ending)}: dense label missing")
         if require_annotations:
@@ -260,7 +264,9 @@ def load_dataset(
     return Dataset(folder.name, folder, spec, tuple(checked), tests)
 
 
-def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) -> list[str]:
+def validate_case(
+    case: Case, spec: DatasetSpec, *, read_voxels: bool = True, check_annotations: bool = True
+) -> list[str]:
     """Every problem of one case: channel geometry, label values and geometry, annotation grids."""
     problems: list[str] = []
     shapes, geometries, arrays = [], [], []
@@ -288,7 +294,7 @@ def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) ->
             )
     if case.label is not None:
         problems += _check_label(case.label, reference_shape, reference, spec, read_voxels)
-    for key, png in sorted(case.annotations.items()):
+    for key, png in sorted(case.annotations.items()) if check_annotations else ():
         problems += check_annotation_png(png, spec, reference_shape, key)
     return problems
 
