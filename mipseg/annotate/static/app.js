@@ -26,7 +26,7 @@ const S = {
   rows: 0, cols: 0, spacing: [1, 1], image: null, low: 0, high: 1, defaultWindow: [0, 1],
   minimum: 0, maximum: 1, suggested: false,
   depth: null, depthExtent: 1,
-  labels: null, version: "", fileProblem: null, dirty: false, previewing: false,
+  labels: null, baseline: null, version: "", fileProblem: null, dirty: false, previewing: false,
   undo: [], redo: [],
   tool: "brush", size: 1, cls: 1, opacity: 0.6, showDepth: false, showLabels: true,
   zoom: 1, panX: 0, panY: 0, aspect: [1, 1],
@@ -246,8 +246,17 @@ function redo() {
   afterEdit();
 }
 
+// unsaved = different from what the page opened (the saved file or the automatic pre-fill) or saved
+function updateDirty() {
+  const a = S.labels, b = S.baseline;
+  let same = !!b && a.length === b.length;
+  for (let i = 0; same && i < a.length; i++) same = a[i] === b[i];
+  S.dirty = !same;
+  markUnsaved();
+}
+
 function afterEdit() {
-  S.dirty = true;
+  updateDirty();
   S.previewing = false;
   renderLabels();
   draw();
@@ -318,8 +327,7 @@ el.canvas.addEventListener("pointermove", (e) => {
 function endPointer() {
   if (S.stroke) {
     S.stroke = null;
-    S.dirty = true;
-    markUnsaved();
+    updateDirty();
   }
   S.pan = null;
 }
@@ -594,6 +602,7 @@ async function openTarget(caseId, kind, index) {
     if (!keepView || kind === "mip") { S.low = plane.meta.low; S.high = plane.meta.high; }
     configureWindowSliders();
     S.labels = saved.meta.exists && !saved.meta.problem ? new Uint8Array(saved.buffer) : new Uint8Array(S.rows * S.cols);
+    S.baseline = S.labels.slice();
     renderBase();
     renderDepth();
     renderLabels();
@@ -677,7 +686,8 @@ async function applyPrefill(source, automatic = false) {
       el.threshold.value = meta.level;
       el["threshold-label"].textContent = Number(meta.level).toPrecision(4);
     }
-    S.dirty = !automatic;
+    if (automatic) S.baseline = S.labels.slice();
+    updateDirty();
     renderLabels();
     draw();
     updateButtons();
@@ -710,14 +720,15 @@ async function save(force = false) {
     if (!response.ok) { say(body.error, "error"); return; }
     if (target === S.target) {
       S.version = body.version;
-      S.dirty = false;
+      S.baseline = labels.slice();
+      updateDirty();
       S.fileProblem = null;
     }
-    say(`saved ${body.saved} (${body.state === "valid" ? "validated" : body.problem})`, body.state === "valid" ? "ok" : "error");
     await refreshCases();
     await loadHistory();
     syncViewControls();
     updateButtons();
+    say(`saved ${body.saved} (${body.state === "valid" ? "validated" : body.problem})`, body.state === "valid" ? "ok" : "error");
   } catch (error) {
     say(error.message, "error");
   }
@@ -729,7 +740,8 @@ async function removeFile() {
   try {
     await apiJSON(targetPath(S.target, "annotation"), { method: "DELETE", headers: { "X-Base-Version": S.version } });
     S.version = "";
-    S.dirty = true;
+    S.baseline = new Uint8Array(S.labels.length);
+    updateDirty();
     say(`${describe(S.target)}: file moved to .history/`);
     await refreshCases();
     await loadHistory();
