@@ -41,13 +41,31 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture
-def server(data_roots):
-    """A synthetic vessel dataset served on a free loopback port (uvicorn in a thread)."""
+def start_server(session):
+    """Serve ``session`` on a free loopback port (uvicorn in a thread); returns (url, stop)."""
     import uvicorn
 
-    from mipseg.annotate.annotate_api import bind_socket, open_session
+    from mipseg.annotate.annotate_api import bind_socket
     from mipseg.annotate.server import create_app
+
+    sock = bind_socket("127.0.0.1", 0, explicit_port=True)
+    config = uvicorn.Config(create_app(session, TOKEN), log_level="warning", access_log=False, lifespan="off")
+    uvicorn_server = uvicorn.Server(config)
+    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        uvicorn_server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+    return f"http://127.0.0.1:{sock.getsockname()[1]}/?token={TOKEN}", stop
+
+
+@pytest.fixture
+def server(data_roots):
+    """A synthetic vessel dataset, one case not started yet."""
+    from mipseg.annotate.annotate_api import open_session
     from mipseg.synthetic import synthesize_dataset
 
     synthesize_dataset(
@@ -56,15 +74,9 @@ def server(data_roots):
     folder = paths.raw_dataset_dir(983)
     (folder / "annotationsTr" / "vessels_000_mip0.png").unlink()  # one case not started yet
     session = open_session(983, use_model=False)
-    sock = bind_socket("127.0.0.1", 0, explicit_port=True)
-    config = uvicorn.Config(create_app(session, TOKEN), log_level="warning", access_log=False, lifespan="off")
-    uvicorn_server = uvicorn.Server(config)
-    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/?token={TOKEN}", folder, session
-    uvicorn_server.should_exit = True
-    thread.join(10)
-    sock.close()
+    url, stop = start_server(session)
+    yield url, folder, session
+    stop()
 
 
 @pytest.fixture
@@ -150,3 +162,41 @@ def test_draw_a_stroke_save_and_find_the_png(server, browser_page, tmp_path: Pat
     if target:
         shutil.copyfile(screenshot, target)
     assert not errors, errors
+
+
+def test_slice_mode_opens_the_suggested_slice_and_saves_another(data_roots, browser_page) -> None:
+    from mipseg import io
+    from mipseg.annotate.annotate_api import open_session
+    from mipseg.synthetic import synthesize_dataset
+
+    synthesize_dataset(984, "organs", num_cases=2, num_test_cases=0, shape=(16, 64, 64), show_progress=False)
+    folder = paths.raw_dataset_dir(984)
+    io.write_json(
+        {"cases": {"organs_000": {"slice": 9, "axis": 0}}},
+        paths.preprocessed_dataset_dir(984) / "suggested_slices.json",
+    )
+    session = open_session(984, use_model=False)
+    url, stop = start_server(session)
+    page, errors = browser_page
+    try:
+        page.goto(url)
+        page.wait_for_function("document.body.dataset.ready === '1'")
+        assert page.evaluate("window.mipseg.state.target.index") == 9
+        assert "suggested" in page.inner_text("#slice-label")
+        page.keyboard.press("ArrowUp")
+        page.wait_for_function(
+            "window.mipseg.state.target.index === 10 && document.body.dataset.ready === '1'"
+        )
+        wait_for_status(page, "organs_000 slice 10")
+        page.fill("#size", "5")
+        page.dispatch_event("#size", "input")
+        centre = page.evaluate("window.mipseg.imageToScreen(32, 32)")
+        page.mouse.click(*centre)
+        page.keyboard.press("Control+s")
+        wait_for_status(page, "saved organs_000_slice10.png")
+        drawing = read_annotation(folder / "annotationsTr" / "organs_000_slice10.png", session.store.spec)
+        assert drawing[32, 32] == 1 and 9 <= drawing.sum() <= 25  # a 5-pixel disc
+        assert len(list((folder / "annotationsTr").glob("organs_000_slice*.png"))) == 2
+        assert not errors, errors
+    finally:
+        stop()
