@@ -122,7 +122,13 @@ def test_draw_a_stroke_save_and_find_the_png(server, browser_page, tmp_path: Pat
     assert page.inner_text("#dataset-name").startswith("Dataset983_SyntheticVessels")
     assert page.locator("#case-list li").count() == 3
     assert "vessels_000" in page.inner_text("#target-name")  # the first case, not started
-    wait_for_status(page, "not started")
+    # a case never drawn starts from the threshold of its MIP (mip mode without model or label set)
+    wait_for_status(page, "started from threshold (not saved yet)")
+    painted = "window.mipseg.state.labels.reduce((a, b) => a + b, 0)"
+    assert page.evaluate(painted) > 0
+    page.select_option("#prefill-source", "empty")
+    wait_for_status(page, "started from empty")
+    assert page.evaluate(painted) == 0
 
     row, first, last = 30, 20, 80
     start = page.evaluate(f"window.mipseg.imageToScreen({row}, {first})")
@@ -131,7 +137,6 @@ def test_draw_a_stroke_save_and_find_the_png(server, browser_page, tmp_path: Pat
     page.mouse.down()
     page.mouse.move(*end, steps=25)
     page.mouse.up()
-    painted = "window.mipseg.state.labels.reduce((a, b) => a + b, 0)"
     assert page.evaluate(painted) == last - first + 1
     page.keyboard.press("Control+z")
     assert page.evaluate(painted) == 0

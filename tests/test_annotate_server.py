@@ -447,3 +447,21 @@ def test_ctrl_c_stops_the_server_cleanly(vessels: Path) -> None:
             process.kill()
     assert process.returncode == 0, output
     assert "mipseg_annotate stopped" in output and "Traceback" not in output
+
+
+def test_several_classes_are_saved_as_their_values(organs: Path) -> None:
+    spec = io.read_json(organs / "dataset.json")
+    spec["labels"] = {"background": 0, "organ": 1, "tumour": 2}
+    io.write_json(spec, organs / "dataset.json")
+    client = client_for(982)
+    labels = client.get("/api/dataset", headers=HEADERS).json()["labels"]
+    assert [label["value"] for label in labels] == [0, 1, 2]
+    drawing = np.zeros(SHAPE[1:], np.uint8)
+    drawing[2:5, 2:5], drawing[8:10, 8:12] = 1, 2
+    assert put(client, "/api/cases/organs_001/slice/4/annotation", drawing, "").status_code == 200
+    path = organs / "annotationsTr" / "organs_001_slice4.png"
+    np.testing.assert_array_equal(read_annotation_values(path), drawing)
+    refused = put(client, "/api/cases/organs_001/slice/5/annotation", drawing * 2, "")
+    assert refused.status_code == 422 and "values [4] are not labels [0, 1, 2]" in refused.json()["error"]
+    threshold = client.get("/api/cases/organs_001/slice/4/prefill?source=threshold&value=2", headers=HEADERS)
+    assert set(np.unique(drawing_of(threshold)).tolist()) <= {0, 2}

@@ -696,6 +696,8 @@ async function applyPrefill(source, automatic = false) {
   } catch (error) {
     if (error.status === 409 && error.body && error.body.progress != null) {
       say(`${error.message} (${Math.round(100 * error.body.progress)}%); starting empty meanwhile`);
+    } else if (automatic) {
+      say(`${describe(target)}: not started (no start from ${source}: ${error.message})`);
     } else {
       say(error.message, "error");
     }
@@ -781,9 +783,11 @@ async function start() {
     for (const name of dataset.labelsets) sources.push([`labels:${name}`, `label set ${name}`]);
     if (dataset.model.model) sources.push(["model", `model ${dataset.model.model}`]);
     el["prefill-source"].innerHTML = sources.map(([v, t]) => `<option value="${v}">${t}</option>`).join("");
+    // the order of documentation/annotate.md's measurements: fewest pixels left to change first
     const preferred = dataset.model.model ? "model"
       : dataset.labelsets.includes("pseudo") ? "labels:pseudo"
-      : dataset.labelsets.length ? `labels:${dataset.labelsets[0]}` : "empty";
+      : dataset.labelsets.length ? `labels:${dataset.labelsets[0]}`
+      : mip ? "threshold" : "empty";
     el["prefill-source"].value = preferred;
     el["threshold-group"].classList.toggle("hidden", preferred !== "threshold");
     setSize(1);
