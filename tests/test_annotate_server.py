@@ -96,9 +96,11 @@ def test_token_is_required_for_the_page_and_the_data(vessels: Path) -> None:
         "/static/../../pyproject.toml",
         "/static/%2E%2E/%2E%2E/pyproject.toml",
         "/static/..%2F..%2Fio.py",
+        "/static/%2E%2E/api/dataset",
     ):
         response = client.get(escape)
         assert response.status_code in (403, 404) and b"[project]" not in response.content
+        assert b"vessels_000" not in response.content
     open_client = client_for(981, token="")
     assert open_client.get("/api/dataset").status_code == 200
 

@@ -62,7 +62,8 @@ class TokenGate:
         self.token = token
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and self.token and not scope["path"].startswith("/static/"):
+        public = scope.get("path", "").startswith("/static/") and ".." not in scope.get("path", "")
+        if scope["type"] == "http" and self.token and not public:
             request = Request(scope)
             supplied = request.headers.get(TOKEN_HEADER) or request.query_params.get("token") or ""
             if not secrets.compare_digest(supplied.encode(), self.token.encode()):
@@ -142,7 +143,7 @@ def binary(array: np.ndarray, dtype: str, meta: dict[str, Any]) -> Response:
     )
 
 
-def create_app(session: AnnotateSession, token: str) -> Starlette:
+def create_app(session: AnnotateSession, token: str) -> TokenGate:
     """The Starlette application of one annotation session; ``token=""`` turns the check off."""
 
     def index(request: Request) -> Response:
@@ -223,7 +224,7 @@ def create_app(session: AnnotateSession, token: str) -> Starlette:
     def history(request: Request) -> JSONResponse:
         return JSONResponse({"versions": session.store.history(session.target(request))})
 
-    def start(request: Request) -> Response:
+    def prefill_drawing(request: Request) -> Response:
         target = session.target(request)
         source = request.query_params.get("source", "empty")
         rows, cols = session.store.grid(target)
@@ -272,7 +273,7 @@ def create_app(session: AnnotateSession, token: str) -> Starlette:
         Route(drawing_path + "/annotation", annotation, methods=["GET"]),
         Route(drawing_path + "/annotation", save, methods=["PUT"]),
         Route(drawing_path + "/annotation", delete, methods=["DELETE"]),
-        Route(drawing_path + "/prefill", start),
+        Route(drawing_path + "/prefill", prefill_drawing),
         Route(drawing_path + "/history", history),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
