@@ -467,3 +467,22 @@ def test_several_classes_are_saved_as_their_values(organs: Path) -> None:
     assert refused.status_code == 422 and "values [4] are not labels [0, 1, 2]" in refused.json()["error"]
     threshold = client.get("/api/cases/organs_001/slice/4/prefill?source=threshold&value=2", headers=HEADERS)
     assert set(np.unique(drawing_of(threshold)).tolist()) <= {0, 2}
+
+
+def test_command_reports_bad_input_in_one_line(vessels: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mipseg.cli.annotate import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["-d", "981", "--host", "0.0.0.0", "--token", "", "--no-model"])
+    assert result.exit_code == 2 and "needs a token" in result.output
+    result = runner.invoke(app, ["-d", "981", "--trainer", "mip", "--labels", "pseudo"])
+    assert result.exit_code == 2 and "no trained model" in result.output
+    spec = io.read_json(vessels / "dataset.json")
+    del spec["annotation"]
+    io.write_json(spec, vessels / "dataset.json")
+    (vessels / "annotationsTr").rename(vessels / "drawings")
+    result = runner.invoke(app, ["-d", "981"])
+    assert result.exit_code == 2 and "no 'annotation' mode" in result.output
+    assert "Traceback" not in result.output
