@@ -30,7 +30,7 @@ const S = {
   undo: [], redo: [],
   tool: "brush", size: 1, cls: 1, opacity: 0.6, showDepth: false, showLabels: true,
   zoom: 1, panX: 0, panY: 0, aspect: [1, 1],
-  stroke: null, pan: null, spaceDown: false, request: 0, thresholdLevel: null,
+  stroke: null, pan: null, spaceDown: false, request: 0, thresholdLevel: null, chain: [],
 };
 
 // ---------------------------------------------------------------- server -------------------------
@@ -595,7 +595,7 @@ async function openTarget(caseId, kind, index) {
       minimum: plane.meta.minimum, maximum: plane.meta.maximum, suggested: plane.meta.suggested,
       defaultWindow: [plane.meta.low, plane.meta.high], depth: depth ? new Uint16Array(depth.buffer) : null,
       depthExtent: depth ? depth.meta.depth : 1, version: saved.meta.version, fileProblem: saved.meta.problem,
-      undo: [], redo: [], dirty: false, previewing: false,
+      undo: [], redo: [], dirty: false, previewing: false, thresholdLevel: null,
     });
     const [sr, sc] = plane.meta.spacing, finest = Math.min(sr, sc);
     S.aspect = [sr / finest, sc / finest];
@@ -614,9 +614,16 @@ async function openTarget(caseId, kind, index) {
     if (saved.meta.problem) {
       say(`the file on disk is not usable: ${saved.meta.problem} -- draw and save to replace it`, "error");
     } else if (!saved.meta.exists) {
-      const source = el["prefill-source"].value;
-      if (source !== "empty") await applyPrefill(source, true);
-      else say(`${describe(target)}: not started`);
+      // the chosen start, else the next one that has this drawing (a label set may lack the case,
+      // the model may not have predicted it yet)
+      const chosen = el["prefill-source"].value;
+      let started = false;
+      if (chosen !== "empty") {
+        for (const source of [chosen, ...S.chain.filter((c) => c !== chosen)]) {
+          if ((started = await applyPrefill(source, true))) break;
+        }
+      }
+      if (!started) say(`${describe(target)}: not started`);
     } else {
       say(`${describe(target)}: saved drawing loaded`);
     }
@@ -693,14 +700,15 @@ async function applyPrefill(source, automatic = false) {
     updateButtons();
     markUnsaved();
     say(`${describe(target)}: started from ${source}` + (automatic ? " (not saved yet)" : ""));
+    return true;
   } catch (error) {
+    if (automatic) return false;
     if (error.status === 409 && error.body && error.body.progress != null) {
-      say(`${error.message} (${Math.round(100 * error.body.progress)}%); starting empty meanwhile`);
-    } else if (automatic) {
-      say(`${describe(target)}: not started (no start from ${source}: ${error.message})`);
+      say(`${error.message} (${Math.round(100 * error.body.progress)}%)`);
     } else {
       say(error.message, "error");
     }
+    return false;
   }
 }
 
@@ -783,11 +791,13 @@ async function start() {
     for (const name of dataset.labelsets) sources.push([`labels:${name}`, `label set ${name}`]);
     if (dataset.model.model) sources.push(["model", `model ${dataset.model.model}`]);
     el["prefill-source"].innerHTML = sources.map(([v, t]) => `<option value="${v}">${t}</option>`).join("");
-    // the order of documentation/annotate.md's measurements: fewest pixels left to change first
-    const preferred = dataset.model.model ? "model"
-      : dataset.labelsets.includes("pseudo") ? "labels:pseudo"
-      : dataset.labelsets.length ? `labels:${dataset.labelsets[0]}`
-      : mip ? "threshold" : "empty";
+    // documentation/annotate.md's measurements: fewest pixels left to change first -- the case's own
+    // label set (made from its other drawings), the model, the threshold (MIPs only)
+    const own = ["pseudo", "propagated"].filter((n) => dataset.labelsets.includes(n));
+    S.chain = [...own, ...dataset.labelsets.filter((n) => !own.includes(n))].map((n) => `labels:${n}`);
+    if (dataset.model.model) S.chain.push("model");
+    if (mip) S.chain.push("threshold");
+    const preferred = S.chain.length ? S.chain[0] : "empty";
     el["prefill-source"].value = preferred;
     el["threshold-group"].classList.toggle("hidden", preferred !== "threshold");
     setSize(1);
