@@ -40,6 +40,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
+from skimage.filters import threshold_multiotsu, threshold_otsu
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _pipeline import run_command  # noqa: E402
@@ -56,8 +57,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=25, help="iterations per epoch")
     parser.add_argument("--work", type=Path, default=Path("/tmp/annotate_prefill"))
     parser.add_argument("--kinds", nargs="+", default=["vessels", "organs"])
+    parser.add_argument("--reuse", action="store_true", help="measure again on --work's datasets and models")
     args = parser.parse_args()
-    if args.work.exists():
+    if args.work.exists() and not args.reuse:
         shutil.rmtree(args.work)
     env = dict(os.environ)
     for variable, name in (("MIPSEG_RAW", "raw"), ("MIPSEG_PREPROCESSED", "pre"), ("MIPSEG_RESULTS", "res")):
@@ -66,8 +68,14 @@ def main() -> None:
     began = time.time()
     for offset, kind in enumerate(args.kinds):
         train_id, annotate_id = 951 + 2 * offset, 952 + 2 * offset
-        model_dir = train_model(kind, train_id, annotate_id, args, env)
-        make_label_set(kind, annotate_id, env)
+        if args.reuse:
+            from mipseg import paths
+
+            labels = "pseudo" if kind == "vessels" else "propagated"
+            model_dir = paths.results_dataset_dir(annotate_id) / f"plain__{labels}__3d_fullres"
+        else:
+            model_dir = train_model(kind, train_id, annotate_id, args, env)
+            make_label_set(kind, annotate_id, env)
         kind_rows, correlations[kind] = measure(kind, annotate_id, model_dir)
         rows += kind_rows
     print_table(rows, correlations, time.time() - began, args)
@@ -131,6 +139,24 @@ def best_threshold_changes(plane: np.ndarray, truth: np.ndarray) -> int:
     return min(pixels_to_change(threshold_drawing(plane, level), truth) for level in levels)
 
 
+THRESHOLD_RULES = {
+    "Otsu": threshold_otsu,
+    "multi-Otsu (3 classes) upper": lambda plane: threshold_multiotsu(plane, classes=3)[-1],
+    "90th percentile": lambda plane: float(np.percentile(plane, 90)),
+    "Otsu of the pixels above Otsu (default)": None,
+}
+
+
+def threshold_rules(plane: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Pixels to change from the threshold at each candidate starting level of the slider."""
+    from mipseg.annotate.prefill import default_level, pixels_to_change, threshold_drawing
+
+    return {
+        f"rule: {name}": pixels_to_change(threshold_drawing(plane, (rule or default_level)(plane)), truth)
+        for name, rule in THRESHOLD_RULES.items()
+    }
+
+
 def measure(kind: str, annotate_id: int, model_dir: Path) -> tuple[list[dict], float]:
     """Pixels to change per drawing and start; Spearman of expected vs actual model changes per case."""
     from mipseg import io
@@ -172,6 +198,7 @@ def measure(kind: str, annotate_id: int, model_dir: Path) -> tuple[list[dict], f
                 truth = truth3d[target.index].astype(np.uint8)
                 name = "middle slice (the drawn one)" if not labelset_applies else "second slice"
             changes = {
+                **threshold_rules(plane, truth),
                 "empty": prefill.pixels_to_change(np.zeros_like(truth), truth),
                 "threshold (default)": prefill.pixels_to_change(
                     prefill.threshold_drawing(plane, prefill.default_level(plane)), truth
@@ -230,10 +257,21 @@ def print_table(rows: list[dict], correlations: dict[str, float], seconds: float
         console.print(
             f"{kind}: Spearman rank correlation, model's expected changes vs pixels changed: {rho:.2f}"
         )
-    console.print(
-        f"total {seconds / 60:.1f} min; model: {args.epochs} epochs x {args.iters} iterations on "
-        f"{args.train_cases} cases"
+    rules = Table(title="threshold slider's starting level: pixels to change (mean per drawing)")
+    rules.add_column("data")
+    for name in ["empty", *THRESHOLD_RULES, "best level"]:
+        rules.add_column(name, justify="right")
+    for kind in dict.fromkeys(row["kind"] for row in rows):
+        members = [row for row in rows if row["kind"] == kind]
+        keys = ["empty", *(f"rule: {name}" for name in THRESHOLD_RULES), "threshold (best level)"]
+        rules.add_row(kind, *(f"{np.mean([m[key] for m in members]):.0f}" for key in keys))
+    console.print(rules)
+    trained = (
+        "models of an earlier run (--reuse)"
+        if args.reuse
+        else (f"model: {args.epochs} epochs x {args.iters} iterations on {args.train_cases} cases")
     )
+    console.print(f"total {seconds / 60:.1f} min; {trained}")
     print("\n".join(markdown))
 
 
