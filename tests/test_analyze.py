@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import trimesh
 from typer.testing import CliRunner
 
 from mipseg import io
 from mipseg.analysis.accuracy import clip_to_mask, compare_with_truth, drop_thin_segments, true_branches
 from mipseg.analysis.analyze_api import analyze_folder, analyze_mask
 from mipseg.analysis.geometry import index_to_world
+from mipseg.analysis.mesh import read_stl
 from mipseg.cli.analyze import app
 from mipseg.synthetic import make_vessel_volume, make_vessel_volume_with_centrelines
 from mipseg.synthetic.vessels import draw_vessels
@@ -113,8 +113,11 @@ def test_world_coordinates_of_graph_and_mesh_follow_the_image_geometry(tmp_path)
     points = np.asarray(edge["points_world_mm"])
     assert np.allclose(points, index_to_world(_world_to_index(points, image), OBLIQUE), atol=1e-3)
 
-    mesh = trimesh.load(str(tmp_path / "out" / "tube.stl"))
-    assert mesh.is_watertight
+    mesh = read_stl(tmp_path / "out" / "tube.stl")
+    # closed and consistently wound: every directed edge once, its reverse once
+    edges = np.concatenate([mesh.faces[:, [0, 1]], mesh.faces[:, [1, 2]], mesh.faces[:, [2, 0]]])
+    assert len(np.unique(edges, axis=0)) == len(edges)
+    assert set(map(tuple, edges)) == set(map(tuple, edges[:, ::-1]))
     voxel_volume = float(np.prod(OBLIQUE.spacing))
     assert mesh.volume == pytest.approx(mask.sum() * voxel_volume, rel=0.1)
     assert summary["cases"][0]["vessel_volume_mm3"] == pytest.approx(mask.sum() * voxel_volume)
