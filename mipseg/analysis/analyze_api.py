@@ -18,10 +18,11 @@ import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask, pad_bbox
 
 from mipseg import io
+from mipseg.analysis import DEFAULT_SPUR_FACTOR
 from mipseg.analysis.geometry import check_geometry, index_to_world
 from mipseg.analysis.graph import CentrelineGraph
 from mipseg.analysis.measures import BRANCH_COLUMNS, branch_measures, case_measures
-from mipseg.analysis.skeleton import DEFAULT_SPUR_FACTOR, centreline_graph
+from mipseg.analysis.skeleton import centreline_graph
 from mipseg.errors import InputError
 from mipseg.planning.parallel import map_with_progress
 

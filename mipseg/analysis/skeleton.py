@@ -20,9 +20,9 @@ import numpy as np
 from scipy.sparse import csgraph
 from skimage.morphology import skeletonize
 
+from mipseg.analysis import DEFAULT_SPUR_FACTOR
 from mipseg.analysis.graph import CentrelineGraph, simplify
 
-DEFAULT_SPUR_FACTOR = 1.5
 MAX_PRUNING_PASSES = 5
 
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from mipseg.analysis import DEFAULT_SPUR_FACTOR
 from mipseg.cli._common import DebugOption, make_app, reported_errors
 
 app = make_app(
@@ -32,7 +33,7 @@ def analyze(
         typer.Option(
             "--spur-factor", help="Remove end branches shorter than this many radii at their branch point."
         ),
-    ] = 1.5,
+    ] = DEFAULT_SPUR_FACTOR,
     no_mesh: Annotated[bool, typer.Option("--no-mesh", help="Do not write {case}.stl.")] = False,
     qc_axis: Annotated[
         int, typer.Option("--qc-axis", help="Projection axis of the QC picture (numpy axis, 0 = z).")
