@@ -191,7 +191,7 @@ def scale(work: Path, data: Path, synthetic_mask: Path | None) -> None:
             load = os.getloadavg()[0]
             wall, cpu, peak = _measured_run(command)
             print(
-                f"| {title} | {fraction:.1%} | {'all' if not flags else 'all but the STL'} "
+                f"| {title} | {fraction:.2%} | {'all' if not flags else 'all but the STL'} "
                 f"| {wall:.0f} | {cpu:.0f} | {peak:.2f} | {load:.1f} |"
             )
 
