@@ -11,7 +11,8 @@ Matching, all in mm: a centreline voxel is *on* the truth when it lies within
 A true branch is *found* when at least half of its length is within that distance of the
 measured centreline; a measured branch is *false* when more than half of its voxels are off
 the truth. A measured branch is matched to the true branch nearest to most of its voxels, and
-its mean radius is compared with that branch's radius.
+its mean radius (over the voxels :func:`~mipseg.analysis.measures.radius_voxels` keeps, as in
+the branch table) is compared with the true radius at those voxels.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.spatial import cKDTree
 
-from mipseg.analysis.skeleton import CentrelineGraph
+from mipseg.analysis.graph import CentrelineGraph
+from mipseg.analysis.measures import radius_voxels
 from mipseg.synthetic.vessels import Centreline
 
 RADIUS_CLASSES_VOXELS = ((0.0, 1.0), (1.0, 1.5), (1.5, 2.0), (2.0, np.inf))
@@ -156,12 +158,16 @@ def compare_with_truth(
 
     false_branches = 0
     errors: list[tuple[float, float]] = []  # (true radius, measured mean radius)
-    for branch in graph.branches:
+    for index, branch in enumerate(graph.branches):
         if np.mean(on_truth[branch]) < 0.5:
             false_branches += 1
             continue
         matched = np.bincount(truth_branch[nearest[branch][on_truth[branch]]]).argmax()
-        own = branch[on_truth[branch] & (truth_branch[nearest[branch]] == matched)]
+        # the voxels the reported branch radius uses, where they lie on the matched true branch
+        used = radius_voxels(graph, index, spacing)
+        own = used[on_truth[used] & (truth_branch[nearest[used]] == matched)]
+        if len(own) == 0:
+            own = branch[on_truth[branch] & (truth_branch[nearest[branch]] == matched)]
         errors.append((float(np.mean(truth_radii[nearest[own]])), float(np.mean(graph.radii[own]))))
     return {
         "centreline_distance_mm": float(distance.mean()),
