@@ -130,6 +130,10 @@ for labels in pseudo refined dense; do
 		-d "$VESSEL_ID" -np "$NP"
 done
 
+step "analyse the refined model's predicted vessels: centreline graph, branches, length, radius"
+run mipseg_analyze -i "$VESSEL_RESULTS/demo_predictions/refined" -o "$VESSEL_RESULTS/demo_analysis/refined" ||
+	echo "   mipseg_analyze reported the case(s) above (exit status 2); the demo goes on"
+
 # ----------------------------------------------------------------------------------------------- organs
 step "synthesize an organ dataset with one annotated slice per case (Dataset${ORGAN_ID})"
 run mipseg_synthesize -d "$ORGAN_ID" --kind organs --cases "$ORGAN_CASES" --test-cases "$ORGAN_TEST_CASES" \

@@ -85,6 +85,7 @@ def test_demo_runs_every_stage_and_prints_the_table(
         "mipseg_predict",
         "mipseg_evaluate",
         "mipseg_propagate",
+        "mipseg_analyze",
     ):
         assert f"$ {command} " in finished.stdout, command
     assert "mipseg demo: Dice" in finished.stdout

@@ -10,15 +10,17 @@ from mipseg.synthetic.annotation import (
     simulate_slice_annotation,
 )
 from mipseg.synthetic.organs import make_organ_volume
-from mipseg.synthetic.vessels import make_vessel_volume
+from mipseg.synthetic.vessels import Centreline, make_vessel_volume, make_vessel_volume_with_centrelines
 from mipseg.synthetic.writer import KINDS, annotate_suggested_slices, synthesize_dataset, synthetic_geometry
 
 __all__ = [
+    "Centreline",
     "KINDS",
     "annotate_suggested_slices",
     "best_threshold_dice",
     "make_organ_volume",
     "make_vessel_volume",
+    "make_vessel_volume_with_centrelines",
     "simulate_mip_annotation",
     "simulate_slice_annotation",
     "synthesize_dataset",

@@ -49,11 +49,19 @@ class Centreline:
         Vessel radius in mm at each point.
     brightness : np.ndarray, shape (n,)
         Blood signal at each point (inflow contrast fades along the tree).
+    segment : np.ndarray of int, shape (n,), optional
+        Which segment (root-to-bifurcation or bifurcation-to-bifurcation piece of constant
+        radius) each point belongs to; segments are numbered in the order they were grown.
+    parent : np.ndarray of int, shape (num_segments,), optional
+        Parent segment of each segment (-1 for the root); a segment starts at its parent's
+        last point.
     """
 
     positions: np.ndarray
     radii: np.ndarray
     brightness: np.ndarray
+    segment: np.ndarray | None = None
+    parent: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -100,11 +108,11 @@ def grow_vessel_tree(
     """
     step = 0.4 * unit
     min_radius = 0.3 * unit
-    positions, radii, bright = [], [], []
+    positions, radii, bright, segments, parents = [], [], [], [], []
     count = 0
-    branches = [(np.asarray(root, float), _unit_vector(direction), float(radius), 0.0, 0)]
+    branches = [(np.asarray(root, float), _unit_vector(direction), float(radius), 0.0, 0, -1)]
     while branches and count < max_points:
-        start, heading, r, path_length, generation = branches.pop()
+        start, heading, r, path_length, generation, parent = branches.pop()
         length = rng.uniform(8.0, 16.0) * max(r, 2.0 * unit)
         points, headings = _tortuous_segment(start, heading, int(length / step) + 1, step, r / unit, rng)
         leaving = np.flatnonzero(body.radial_at(points) > 0.97)
@@ -117,18 +125,34 @@ def grow_vessel_tree(
         radii.append(np.full(cut, r, np.float32))
         # Inflow enhancement fades with distance travelled (saturation of flowing spins).
         bright.append((brightness * np.exp(-lengths / 400.0)).astype(np.float32))
+        segments.append(np.full(cut, len(parents), np.int32))
+        parents.append(parent)
         count += cut
         if cut < len(headings) or generation >= 12:
             continue
         for child_radius, child_heading in _bifurcation(headings[cut - 1], r, rng):
             # Thin children are kept with a probability, so trees end with a few faint twigs.
             if child_radius >= min_radius or (child_radius >= 0.2 * unit and rng.random() < 0.5):
-                branches.append((points[-1], child_heading, child_radius, float(lengths[-1]), generation + 1))
+                branches.append(
+                    (
+                        points[-1],
+                        child_heading,
+                        child_radius,
+                        float(lengths[-1]),
+                        generation + 1,
+                        len(parents) - 1,
+                    )
+                )
     if not positions:
         empty = np.zeros((0, 3), np.float32)
-        return Centreline(empty, np.zeros(0, np.float32), np.zeros(0, np.float32))
+        no_points = np.zeros(0, np.float32)
+        return Centreline(empty, no_points, no_points, np.zeros(0, np.int32), np.zeros(0, np.int32))
     return Centreline(
-        np.concatenate(positions).astype(np.float32), np.concatenate(radii), np.concatenate(bright)
+        np.concatenate(positions).astype(np.float32),
+        np.concatenate(radii),
+        np.concatenate(bright),
+        np.concatenate(segments),
+        np.asarray(parents, np.int32),
     )
 
 
@@ -295,6 +319,18 @@ def make_vessel_volume(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic MRA volume and its dense vessel label.
 
+    See :func:`make_vessel_volume_with_centrelines` for the parameters; this is that function
+    without the centrelines.
+    """
+    image, label, _ = make_vessel_volume_with_centrelines(shape, spacing, rng)
+    return image, label
+
+
+def make_vessel_volume_with_centrelines(
+    shape: Shape3, spacing: Spacing3, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[Centreline]]:
+    """One synthetic MRA volume, its dense vessel label and the true centrelines it was drawn from.
+
     Parameters
     ----------
     shape : (z, y, x)
@@ -309,6 +345,10 @@ def make_vessel_volume(
         MRA-like intensities (tissue about 170, vessels up to about 900), 0 outside the body.
     label : np.ndarray of uint8, shape (z, y, x)
         1 = vessel, 0 = background.
+    centrelines : list of Centreline
+        One per tree: points in physical ``(z, y, x)`` mm with voxel 0 at 0 (divide by the
+        spacing for voxel indices), radii in mm, segment structure. Parts of a tree outside
+        the elliptical body are not in ``label``.
     """
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in spacing)
@@ -329,4 +369,4 @@ def make_vessel_volume(
     image = rician_noise(image, sigma=rng.uniform(12.0, 22.0), rng=rng)
     image[~body_mask] = 0.0
     label[~body_mask] = 0
-    return image.astype(np.float32), label
+    return image.astype(np.float32), label, trees
