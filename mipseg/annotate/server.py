@@ -250,9 +250,8 @@ def create_app(session: AnnotateSession, token: str) -> TokenGate:
                 return JSONResponse(
                     {"error": f"the model has not predicted {target.case_id} yet", **entry}, 409
                 )
-            drawing = prefill.labels_on_target(
-                labels, target.kind, target.index, session.views.depth(target), 0
-            )
+            depth_map = session.views.depth(target)
+            drawing = prefill.labels_on_target(labels, target.kind, target.index, depth_map, ignore)
         elif source.startswith("history:"):
             drawing = session.store.load_history(target, source[len("history:") :])
         else:
