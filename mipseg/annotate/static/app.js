@@ -793,9 +793,10 @@ async function start() {
     el["prefill-source"].innerHTML = sources.map(([v, t]) => `<option value="${v}">${t}</option>`).join("");
     // documentation/annotate.md's measurements: fewest pixels left to change first -- the case's own
     // label set (made from its other drawings), the model, the threshold (MIPs only)
+    // (organ slices: the model first; a threshold is worse than an empty start there)
     const own = ["pseudo", "propagated"].filter((n) => dataset.labelsets.includes(n));
     S.chain = [...own, ...dataset.labelsets.filter((n) => !own.includes(n))].map((n) => `labels:${n}`);
-    if (dataset.model.model) S.chain.push("model");
+    if (dataset.model.model) mip ? S.chain.push("model") : S.chain.unshift("model");
     if (mip) S.chain.push("threshold");
     const preferred = S.chain.length ? S.chain[0] : "empty";
     el["prefill-source"].value = preferred;
