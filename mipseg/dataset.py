@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.annotation_png import read_annotation_values, values_to_classes
 from mipseg.errors import InputError
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -201,6 +202,7 @@ def load_dataset(
     read_voxels: bool = True,
     require_annotations: bool = False,
     require_labels: bool = False,
+    check_annotations: bool = True,
 ) -> Dataset:
     """Load and completely validate a raw dataset.
 
@@ -216,6 +218,9 @@ def load_dataset(
         ``mip_axes``; slice: at least one slice).
     require_labels
         Every training case must have a dense label in labelsTr.
+    check_annotations
+        Read every annotation PNG (grid, values, not empty). ``mipseg_annotate`` turns it off to
+        open a dataset whose drawings it is there to fix; file names are checked either way.
 
     Raises
     ------
@@ -245,7 +250,7 @@ def load_dataset(
     checked: list[Case] = []
     for case_id, images in cases.items():
         case = Case(case_id, tuple(images), labels.get(case_id), annotations.get(case_id, {}))
-        problems += validate_case(case, spec, read_voxels=read_voxels)
+        problems += validate_case(case, spec, read_voxels=read_voxels, check_annotations=check_annotations)
         if require_labels and case.label is None:
             problems.append(f"{folder / 'labelsTr' / (case_id + spec.file_ending)}: dense label missing")
         if require_annotations:
@@ -259,7 +264,9 @@ def load_dataset(
     return Dataset(folder.name, folder, spec, tuple(checked), tests)
 
 
-def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) -> list[str]:
+def validate_case(
+    case: Case, spec: DatasetSpec, *, read_voxels: bool = True, check_annotations: bool = True
+) -> list[str]:
     """Every problem of one case: channel geometry, label values and geometry, annotation grids."""
     problems: list[str] = []
     shapes, geometries, arrays = [], [], []
@@ -287,18 +294,19 @@ def validate_case(case: Case, spec: DatasetSpec, *, read_voxels: bool = True) ->
             )
     if case.label is not None:
         problems += _check_label(case.label, reference_shape, reference, spec, read_voxels)
-    for key, png in sorted(case.annotations.items()):
+    for key, png in sorted(case.annotations.items()) if check_annotations else ():
         problems += check_annotation_png(png, spec, reference_shape, key)
     return problems
 
 
 def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, ...], key: int) -> list[str]:
-    """Problems of one annotation PNG: unreadable, wrong grid, empty, unknown label values.
+    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty, unknown label values.
 
-    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode).
+    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode). Values follow
+    :mod:`mipseg.annotation_png` (one foreground class: any nonzero pixel is it).
     """
     try:
-        array = io.read_png(path)
+        array = read_annotation_values(path)
     except InputError as error:
         return error.problems
     if spec.annotation == "slice":
@@ -313,10 +321,10 @@ def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, 
         return [f"{path}: size {array.shape} (rows, columns) does not match the {grid}"]
     if not np.any(array):
         return [f"{path}: empty annotation (no nonzero pixel)"]
-    if spec.annotation == "slice":
-        unknown = sorted(set(np.unique(array).tolist()) - set(spec.class_labels.values()))
-        if unknown:
-            return [f"{path}: pixel values {unknown} are not labels in dataset.json"]
+    try:
+        values_to_classes(array, list(spec.class_labels.values()), path)
+    except InputError as error:
+        return error.problems
     return []
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
 
 from mipseg import io
+from mipseg.annotation_png import read_annotation_values
 from mipseg.planning.mip import maximum_intensity_projection, ray_coordinates
 from mipseg.planning.parallel import map_with_progress
 from mipseg.planning.preprocessing import crop_to_nonzero, read_case_images
@@ -119,7 +120,7 @@ def annotation_seed_mask(
     """
     mask = np.zeros(volume.shape, dtype=bool)
     for key, png in annotations.items():
-        drawn = io.read_png(png) != 0
+        drawn = read_annotation_values(png) != 0
         if annotation_mode == "mip":
             _, depth = maximum_intensity_projection(volume, key)
             coordinates = ray_coordinates(depth, key)

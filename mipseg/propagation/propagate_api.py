@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.annotation_png import read_annotation
 from mipseg.dataset import Case, Dataset, load_dataset
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
@@ -318,7 +319,10 @@ def propagate_case(
     began = time.perf_counter()
     raw, geometry = io.read_image(case.images[0], dtype=np.float32)
     volume = normalize_volume(raw)
-    annotations = {index: io.read_png(path).astype(np.int16) for index, path in case.annotations.items()}
+    annotations = {
+        index: read_annotation(path, dataset.spec).astype(np.int16)
+        for index, path in case.annotations.items()
+    }
     refinement = for_slice_spacing(settings.refinement, geometry.spacing_zyx[0])
     transport = make_transport(settings.method, volume, model, device, refinement, settings.symmetric_flows)
     result = propagate_slices(

@@ -27,6 +27,7 @@ import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mipseg import io, paths
+from mipseg.annotation_png import read_annotation
 from mipseg.dataset import Case, Dataset, load_dataset, parse_dataset_json
 from mipseg.errors import InputError
 from mipseg.planning.mip import maximum_intensity_projection, ray_coordinates
@@ -177,7 +178,7 @@ def process_case(
 ) -> dict[str, Any]:
     """Make and write the label map, seeds and QC pictures of one case; returns its report entry."""
     volume, geometry = io.read_image(case.images[0], dtype=np.float32)
-    annotations = {axis: io.read_png(case.annotations[axis]) > 0 for axis in axes}
+    annotations = {axis: read_annotation(case.annotations[axis], dataset.spec) > 0 for axis in axes}
     mips = {axis: volume.max(axis=axis) for axis in axes}
     depths = {axis: load_depth_map(dataset, case.case_id, volume, axis, mips[axis]) for axis in axes}
     labels, seeds, counts = bp.pseudo_label_volume(

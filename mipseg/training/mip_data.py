@@ -30,6 +30,7 @@ import numpy as np
 from skimage.transform import resize
 
 from mipseg import io
+from mipseg.annotation_png import read_annotation
 from mipseg.errors import InputError
 
 TARGETS_FOLDER = "mip_targets"
@@ -116,7 +117,7 @@ def ensure_mip_targets(dataset, data_dir: Path, case_ids: Sequence[str], axes: S
             continue  # up to date with the preprocessed image and the annotations
         properties = io.read_json(data_dir / f"{case_id}.json")
         image = np.load(data_dir / f"{case_id}.npy", mmap_mode="r")
-        annotations = {a: io.read_png(case.annotations[a]) for a in axes}
+        annotations = {a: read_annotation(case.annotations[a], dataset.spec) for a in axes}
         try:
             targets = compute_mip_targets(np.asarray(image[:1]), annotations, properties)
         except ValueError as error:
