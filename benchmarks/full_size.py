@@ -1,8 +1,9 @@
 """Full-size scans on CPU: every per-case stage on a 512x512x300 volume, time and peak memory, vs nnU-Net.
 
-Each stage runs in its own process; the benchmark polls the resident memory of that process and
-all its children (summed over the process tree, from ``/proc``, every 0.1 s) and takes the wall
-time, the CPU time of the tree (``os.wait4``) and the largest single process's peak RSS. Results
+Each stage runs in its own process; the benchmark polls the memory of that process and all its
+children every 0.1 s (PSS from ``/proc/PID/smaps_rollup`` summed over the process tree, so pages a
+forked child shares with its parent count once) and takes the wall time, the CPU time of the tree
+(``os.wait4``) and the peak RSS of the largest single process (``ru_maxrss``). Results
 are written to ``WORK/full_size.json`` after every stage, and a stage already there is skipped, so
 an interrupted run resumes where it stopped (``--redo NAME`` runs a stage again).
 
@@ -108,8 +109,21 @@ def set_roots(work: Path) -> dict[str, str]:
 # ---------------------------------------------------------------- measuring a process tree
 
 
-def tree_rss_bytes(pid: int) -> int:
-    """Resident bytes of ``pid`` and all its descendants (0 for processes that are gone)."""
+def _proportional_bytes(pid: int) -> int:
+    """PSS of one process: shared pages divided among their sharers, so forked children count once."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as stream:
+            for line in stream:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (PermissionError, OSError):
+        pass
+    with open(f"/proc/{pid}/statm") as stream:  # no smaps_rollup (old kernel): resident size
+        return int(stream.read().split()[1]) * PAGE_SIZE
+
+
+def tree_memory_bytes(pid: int) -> int:
+    """Memory of ``pid`` and all its descendants (PSS summed; 0 for processes that are gone)."""
     total, stack, seen = 0, [pid], set()
     while stack:
         current = stack.pop()
@@ -117,8 +131,7 @@ def tree_rss_bytes(pid: int) -> int:
             continue
         seen.add(current)
         try:
-            with open(f"/proc/{current}/statm") as stream:
-                total += int(stream.read().split()[1]) * PAGE_SIZE
+            total += _proportional_bytes(current)
             for task in os.listdir(f"/proc/{current}/task"):
                 with open(f"/proc/{current}/task/{task}/children") as stream:
                     stack.extend(int(child) for child in stream.read().split())
@@ -138,7 +151,7 @@ def measure(command: list[str], env: dict[str, str], log_path: Path) -> dict:
 
         def poll() -> None:
             while not done.is_set():
-                peak[0] = max(peak[0], tree_rss_bytes(process.pid))
+                peak[0] = max(peak[0], tree_memory_bytes(process.pid))
                 done.wait(0.1)
 
         poller = threading.Thread(target=poll, daemon=True)
@@ -151,7 +164,7 @@ def measure(command: list[str], env: dict[str, str], log_path: Path) -> dict:
     result = {
         "wall_s": wall,
         "cpu_s": usage.ru_utime + usage.ru_stime,
-        "peak_tree_rss_gb": peak[0] / GB,
+        "peak_tree_pss_gb": peak[0] / GB,
         "peak_process_rss_gb": usage.ru_maxrss * 1024 / GB,
         "exit_code": code,
         "command": " ".join(command),
@@ -161,7 +174,7 @@ def measure(command: list[str], env: dict[str, str], log_path: Path) -> dict:
         print(f"  FAILED ({code}); end of {log_path}:\n{tail}", flush=True)
     else:
         print(
-            f"  {wall:.1f} s wall, {result['cpu_s']:.1f} s CPU, peak RSS {result['peak_tree_rss_gb']:.2f} GB "
+            f"  {wall:.1f} s wall, {result['cpu_s']:.1f} s CPU, peak PSS {result['peak_tree_pss_gb']:.2f} GB "
             f"(largest process {result['peak_process_rss_gb']:.2f} GB)",
             flush=True,
         )
@@ -338,7 +351,7 @@ def save_results(results: dict, path: Path) -> None:
 def print_table(results: dict) -> None:
     stages = results["stages"]
     print(f"\nvolume {results['meta'].get('shape')} at {results['meta'].get('spacing')} mm")
-    print(f"{'stage':20} {'wall s':>9} {'CPU s':>9} {'peak RSS GB':>12} {'1 process GB':>13}")
+    print(f"{'stage':20} {'wall s':>9} {'CPU s':>9} {'peak PSS GB':>12} {'1 process GB':>13}")
     for name in STAGES:
         if name in stages:
             row = stages[name]
@@ -347,8 +360,9 @@ def print_table(results: dict) -> None:
                 continue
             mark = "" if row["exit_code"] == 0 else f"  FAILED ({row['exit_code']})"
             setup = "  (setup)" if name in SETUP_STAGES else ""
+            memory = row.get("peak_tree_pss_gb", row.get("peak_tree_rss_gb", float("nan")))
             print(
-                f"{name:20} {row['wall_s']:9.1f} {row['cpu_s']:9.1f} {row['peak_tree_rss_gb']:12.2f} "
+                f"{name:20} {row['wall_s']:9.1f} {row['cpu_s']:9.1f} {memory:12.2f} "
                 f"{row['peak_process_rss_gb']:13.2f}{mark}{setup}"
             )
     for fast, slow in (("predict", "nnunet"), ("predict_tta", "nnunet_tta"), ("predict", "predict_torch")):

@@ -149,3 +149,12 @@ def test_predict_cli_engine_flags_give_the_same_segmentation(data_roots, tmp_pat
         np.testing.assert_array_equal(segmentations[engine], segmentations["torch"])
     bad = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "bad"), "-d", "990", "--precision", "half"]
     assert run_cli(bad) == 2
+
+
+def test_default_augmentation_workers_follow_the_device() -> None:
+    from mipseg.training.trainer import default_num_workers
+
+    assert default_num_workers(torch.device("cuda"), cpu_count=16) == 12  # nnU-Net's 12 DA processes
+    assert default_num_workers(torch.device("cuda"), cpu_count=4) == 4  # never more than the CPUs
+    assert default_num_workers(torch.device("cpu"), cpu_count=16) == 2
+    assert default_num_workers(torch.device("cpu"), cpu_count=1) == 1
