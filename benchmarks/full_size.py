@@ -45,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--spacing", type=float, nargs=3, default=(1.0, 0.7, 0.7), help="(z, y, x) mm")
     parser.add_argument("--flow-iters", type=int, default=20, help="flow model training iterations")
     parser.add_argument("--train-iters", type=int, default=4, help="segmentation model training iterations")
-    parser.add_argument("--predict-args", nargs="*", default=[], help="extra mipseg_predict flags")
+    parser.add_argument(
+        "--predict-args", default="", help="extra mipseg_predict flags, one string: '--step-size 1'"
+    )
     parser.add_argument("--table", action="store_true", help="only print the table of recorded stages")
     parser.add_argument("--inner", default=None, help=argparse.SUPPRESS)  # a stage's own process
     return parser.parse_args(argv)
@@ -197,7 +200,7 @@ def inner(args: argparse.Namespace, name: str) -> list[str]:
 def stage_command(args: argparse.Namespace, stage: str) -> list[str] | None:
     raw = args.work / "raw" / ORGANS
     predict = [script("mipseg_predict"), "-i", str(raw / "imagesTs"), "-d", ORGANS, "-f", "all"]
-    predict += ["--device", "cpu", "--disable-progress-bar", *args.predict_args]
+    predict += ["--device", "cpu", "--disable-progress-bar", *shlex.split(args.predict_args)]
     commands = {
         "data": inner(args, "data"),
         "plan_organs": [script("mipseg_plan"), "-d", ORGANS, "--device", "cpu", "-np", "1"],

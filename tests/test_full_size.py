@@ -144,7 +144,8 @@ def test_predict_cli_engine_flags_give_the_same_segmentation(data_roots, tmp_pat
         assert run_cli([*argv, "--disable-tta", "--disable-progress-bar"]) == 0
         segmentations[engine] = io.read_image(out / "case0.nii.gz")[0]
         used = io.read_json(out / "predict_args.json")["engine_used"]
-        assert used == (engines.resolve_engine(engine, torch.device("cpu")))
+        # auto: a 12x20x24 volume needs far fewer passes than a conversion is worth
+        assert used == ("torch" if engine == "auto" else engine)
     for engine in engine_names[1:]:
         np.testing.assert_array_equal(segmentations[engine], segmentations["torch"])
     bad = ["-i", str(tmp_path / "in"), "-o", str(tmp_path / "bad"), "-d", "990", "--precision", "half"]
@@ -158,3 +159,19 @@ def test_default_augmentation_workers_follow_the_device() -> None:
     assert default_num_workers(torch.device("cuda"), cpu_count=4) == 4  # never more than the CPUs
     assert default_num_workers(torch.device("cpu"), cpu_count=16) == 2
     assert default_num_workers(torch.device("cpu"), cpu_count=1) == 1
+
+
+@pytest.mark.skipif(not engines.openvino_available(), reason="openvino not installed")
+def test_auto_engine_converts_only_when_it_pays(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("MIPSEG_CACHE", str(tmp_path / "cache"))
+    small = _predictor("auto", "float32", mirror_axes=())
+    small.predict_preprocessed(VOLUME)  # 64 passes < AUTO_OPENVINO_MIN_PASSES, nothing cached
+    assert small.engine == "torch"
+    monkeypatch.setattr(engines, "AUTO_OPENVINO_MIN_PASSES", 64)
+    large = _predictor("auto", "float32", mirror_axes=())
+    expected = large.predict_preprocessed(VOLUME)
+    assert large.engine == "openvino"
+    monkeypatch.setattr(engines, "AUTO_OPENVINO_MIN_PASSES", 10**9)
+    cached = _predictor("auto", "float32", mirror_axes=())
+    np.testing.assert_array_equal(cached.predict_preprocessed(VOLUME), expected)
+    assert cached.engine == "openvino"  # the conversion is cached: always worth it

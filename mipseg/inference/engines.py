@@ -31,6 +31,12 @@ ENGINES = ("auto", "torch", "openvino")
 PRECISIONS = ("float32", "bfloat16")
 _OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}
 
+AUTO_OPENVINO_MIN_PASSES = 256
+"""``--engine auto`` converts a network to OpenVINO only for at least this many forward passes
+(tiles x mirrors) per fold, or when the converted model is already cached: converting takes
+seconds to minutes, which a small volume does not win back (torch: ~0.4 s per pass of the CPU
+plan's network, OpenVINO ~0.07 s)."""
+
 TileRunner = Callable[[torch.Tensor], torch.Tensor]
 """Maps a batch of tiles ``(B, C, z, y, x)`` float32 to logits ``(B, K, z, y, x)`` float32."""
 
@@ -124,11 +130,27 @@ def network_fingerprint(network: torch.nn.Module, batch_shape: Sequence[int], pr
     return digest.hexdigest()[:24]
 
 
+def _cached_model_path(network: torch.nn.Module, batch_shape: Sequence[int], precision: str) -> Path:
+    return cache_dir() / "openvino" / network_fingerprint(network, batch_shape, precision) / "model.xml"
+
+
+def is_cached(network: torch.nn.Module, batch_shape: Sequence[int], precision: str) -> bool:
+    """True if the OpenVINO conversion of ``network`` for this batch shape and precision is cached."""
+    return openvino_available() and _cached_model_path(network, batch_shape, precision).is_file()
+
+
+def auto_uses_openvino(
+    networks: Sequence[torch.nn.Module], batch_shape: Sequence[int], precision: str, passes: int
+) -> bool:
+    """Whether ``--engine auto`` (resolved to OpenVINO) should convert, for ``passes`` per fold."""
+    return passes >= AUTO_OPENVINO_MIN_PASSES or all(is_cached(n, batch_shape, precision) for n in networks)
+
+
 def _converted_model(network: torch.nn.Module, batch_shape: tuple[int, ...], precision: str):
     """The OpenVINO model of ``network`` for ``batch_shape``, from the cache or converted (and cached)."""
     import openvino
 
-    path = cache_dir() / "openvino" / network_fingerprint(network, batch_shape, precision) / "model.xml"
+    path = _cached_model_path(network, batch_shape, precision)
     core = openvino.Core()
     if path.is_file():
         with contextlib.suppress(RuntimeError):  # a damaged cache entry is converted again

@@ -277,6 +277,8 @@ def predict_folder(
     written = _run_pipeline(
         todo, output_dir, predictor, save_probabilities, min_component_size, problems, progress
     )
+    if todo:  # the engine --engine auto chose is known once the first case was seen
+        _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
     if problems:
         raise InputError([f"{len(problems)} case(s) could not be predicted:"] + problems)
     return sorted(finished + written)
