@@ -53,10 +53,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _nnunet import nnunet_network, set_nnunet_roots
 
 DATASET_ID = 951
 DATASET_NAME = "Dataset951_FullSizeGPU"
-NNUNET_MODEL = "nnUNetTrainer__nnUNetPlans__3d_fullres"
 
 
 def parse_args() -> argparse.Namespace:
@@ -100,9 +100,7 @@ def set_roots(work: Path) -> None:
     for name, folder in (("MIPSEG_RAW", "raw"), ("MIPSEG_PREPROCESSED", "preprocessed")):
         os.environ[name] = str(work / folder)
     os.environ["MIPSEG_RESULTS"] = str(work / "results")
-    for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-        os.environ[name] = str(work / name)
-        (work / name).mkdir(parents=True, exist_ok=True)
+    set_nnunet_roots(work)
 
 
 def gpu_peak_reset(device: str) -> None:
@@ -232,30 +230,6 @@ def _mipseg_plans():
     return load_plans(paths.preprocessed_dataset_dir(DATASET_NAME) / "plans.json")
 
 
-def _nnunet_network(plans, deep_supervision: bool):
-    import torch
-    from dynamic_network_architectures.architectures.unet import PlainConvUNet
-
-    topology = plans.network
-    return PlainConvUNet(
-        input_channels=plans.num_channels,
-        n_stages=topology.num_stages,
-        features_per_stage=topology.features_per_stage,
-        conv_op=torch.nn.Conv3d,
-        kernel_sizes=topology.kernel_sizes,
-        strides=topology.strides,
-        n_conv_per_stage=topology.n_conv_per_stage,
-        num_classes=plans.num_classes,
-        n_conv_per_stage_decoder=[topology.n_conv_per_stage_decoder] * (topology.num_stages - 1),
-        conv_bias=True,
-        norm_op=torch.nn.InstanceNorm3d,
-        norm_op_kwargs={"eps": 1e-5, "affine": True},
-        nonlin=torch.nn.LeakyReLU,
-        nonlin_kwargs={"inplace": True},
-        deep_supervision=deep_supervision,
-    )
-
-
 def _time_steps(network, loss_of, batch, target, device: str, steps: int) -> float:
     """Mean seconds of one SGD step with AMP (nnU-Net's optimizer settings) after 5 warm-up steps."""
     import torch
@@ -326,7 +300,7 @@ def step_network(args: argparse.Namespace, results: Results) -> None:
     except ImportError as error:
         results.add("step", "nnU-Net", f"skipped ({error})")
         return
-    network = _nnunet_network(plans, deep_supervision=True)
+    network = nnunet_network(plans, deep_supervision=True)
     outputs = network.to(args.device)(batch[:1])
     weights = np.array([1 / (2**i) for i in range(len(outputs))])
     weights[-1] = 0
@@ -458,65 +432,15 @@ def step_predict(args: argparse.Namespace, results: Results) -> None:
 
 
 def _nnunet_model_folder(args: argparse.Namespace) -> Path:
-    """nnU-Net model folder with mipseg's topology and patch (random weights); nnU-Net's planner writes it."""
-    import torch
-    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
+    from _nnunet import nnunet_model_folder
 
-    plans = _mipseg_plans()
-    nn_raw = Path(os.environ["nnUNet_raw"]) / DATASET_NAME
-    if not nn_raw.is_dir():
-        shutil.copytree(
-            Path(os.environ["MIPSEG_RAW"]) / DATASET_NAME,
-            nn_raw,
-            ignore=shutil.ignore_patterns("imagesTs", "labelsTs", "annotationsTr"),
-        )
-    start = time.time()
-    extract_fingerprints(
-        [DATASET_ID], num_processes=min(8, os.cpu_count() or 1), check_dataset_integrity=False, verbose=False
+    return nnunet_model_folder(
+        DATASET_NAME,
+        Path(os.environ["MIPSEG_RAW"]) / DATASET_NAME,
+        _mipseg_plans(),
+        num_processes=min(8, os.cpu_count() or 1),
+        log=lambda line: print(line, flush=True),
     )
-    plan_experiments([DATASET_ID])
-    nn_plans_path = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME / "nnUNetPlans.json"
-    nn_plans = json.loads(nn_plans_path.read_text())
-    config = nn_plans["configurations"]["3d_fullres"]
-    topology = plans.network
-    print(
-        f"  nnU-Net's own 3d_fullres plan: patch {config['patch_size']}, spacing {config['spacing']}, "
-        f"features {config['architecture']['arch_kwargs']['features_per_stage']} "
-        f"({time.time() - start:.0f} s)",
-        flush=True,
-    )
-    back = nn_plans["transpose_backward"]
-    forward = nn_plans["transpose_forward"]
-    # mipseg's lists are (z, y, x) of the image; nnU-Net's are in its transposed axis order
-    config["patch_size"] = [plans.patch_size[a] for a in forward]
-    config["spacing"] = [plans.spacing[a] for a in forward]
-    arch = config["architecture"]["arch_kwargs"]
-    arch.update(
-        n_stages=topology.num_stages,
-        features_per_stage=list(topology.features_per_stage),
-        kernel_sizes=[[k[a] for a in forward] for k in topology.kernel_sizes],
-        strides=[[s[a] for a in forward] for s in topology.strides],
-        n_conv_per_stage=[topology.n_conv_per_stage] * topology.num_stages,
-        n_conv_per_stage_decoder=[topology.n_conv_per_stage_decoder] * (topology.num_stages - 1),
-    )
-    del back
-    model_dir = Path(os.environ["nnUNet_results"]) / DATASET_NAME / NNUNET_MODEL
-    (model_dir / "fold_0").mkdir(parents=True, exist_ok=True)
-    (model_dir / "plans.json").write_text(json.dumps(nn_plans, indent=1))
-    dataset_json = json.loads((nn_raw / "dataset.json").read_text())
-    (model_dir / "dataset.json").write_text(json.dumps(dataset_json, indent=1))
-    torch.manual_seed(0)
-    network = _nnunet_network(plans, deep_supervision=False)
-    torch.save(
-        {
-            "network_weights": network.state_dict(),
-            "init_args": {"configuration": "3d_fullres", "fold": 0},
-            "trainer_name": "nnUNetTrainer",
-            "inference_allowed_mirroring_axes": (0, 1, 2),
-        },
-        model_dir / "fold_0" / "checkpoint_final.pth",
-    )
-    return model_dir
 
 
 def _nnunet_predict(

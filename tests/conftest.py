@@ -20,3 +20,9 @@ def data_roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Pat
         roots[name].mkdir()
         monkeypatch.setenv(variable, str(roots[name]))
     return roots
+
+
+@pytest.fixture(autouse=True)
+def _model_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Converted inference models (OpenVINO) go to one folder per test session, never to ~/.cache."""
+    monkeypatch.setenv("MIPSEG_CACHE", str(tmp_path_factory.getbasetemp() / "mipseg_cache"))

@@ -68,6 +68,17 @@ def predict(
     num_parts: Annotated[int, typer.Option("--num-parts", help="Split the cases into this many parts.")] = 1,
     part_id: Annotated[int, typer.Option("--part-id", help="Which part (0-based) this call predicts.")] = 0,
     device: DeviceOption = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="CPU inference engine: auto (OpenVINO when installed, else torch), torch or openvino.",
+        ),
+    ] = "auto",
+    precision: Annotated[
+        str,
+        typer.Option("--precision", help="float32, or bfloat16 (faster on CPUs with AVX512-BF16/AMX)."),
+    ] = "float32",
     no_progress: Annotated[bool, typer.Option("--disable-progress-bar", help="No progress bars.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -98,6 +109,8 @@ def predict(
             num_parts=num_parts,
             part_id=part_id,
             device=device,
+            engine=engine,
+            precision=precision,
             progress=not no_progress,
         )
     console.print(f"{len(written)} segmentation(s) in {output}", highlight=False)

@@ -62,7 +62,9 @@ def train(
     num_workers: Annotated[
         int | None,
         typer.Option(
-            "--num-workers", help="Augmentation worker processes (0 = in-process; default min(2, CPUs))."
+            "--num-workers",
+            help="Augmentation worker processes (0 = in-process; default on CUDA min(12, CPUs), "
+            "on CPU min(2, CPUs)).",
         ),
     ] = None,
     save_every: Annotated[

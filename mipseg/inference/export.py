@@ -12,12 +12,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice
 from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_sizes
 
 from mipseg import io, paths
 from mipseg.errors import InputError
 from mipseg.planning.plans import Plans
-from mipseg.planning.preprocessing import revert_preprocessing
+from mipseg.planning.preprocessing import revert_class_probabilities
 
 SEGMENTATION_ENDING = ".nii.gz"
 COMPONENT_CONNECTIVITY = 26  # full 3D connectivity, as nnU-Net's postprocessing (skimage label default)
@@ -44,6 +45,57 @@ def probabilities_to_segmentation(probabilities: np.ndarray, values: np.ndarray)
     """
     dtype = np.uint8 if values.max() <= 255 else np.int16
     return values.astype(dtype)[np.argmax(probabilities, axis=0)]
+
+
+def segmentation_on_raw_grid(
+    probabilities: np.ndarray,
+    properties: dict,
+    plans: Plans,
+    values: np.ndarray,
+    keep_probabilities: bool = False,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Argmax label map on the raw grid from preprocessed-grid probabilities, one class at a time.
+
+    The same result as ``probabilities_to_segmentation(revert_preprocessing(...), values)``
+    (``np.argmax``'s first-maximum rule included) without the ``(K, Z, Y, X)`` float32 array: a
+    running maximum and its class index over the classes resampled one by one into the crop box;
+    outside the box background wins, as there its probability is 1.
+
+    Parameters
+    ----------
+    probabilities : np.ndarray float32, shape (K, z, y, x)
+        On the preprocessed grid.
+    values : np.ndarray of int, shape (K,)
+        Label value of each channel (see :func:`class_values`).
+    keep_probabilities
+        Also return the raw-grid probabilities as float16 ``(K, Z, Y, X)`` (for ``.npz``).
+
+    Returns
+    -------
+    segmentation : np.ndarray uint8 (int16 if a value exceeds 255), shape (Z, Y, X)
+    probabilities : np.ndarray float16, shape (K, Z, Y, X), or None
+    """
+    shape = tuple(properties["shape_before_cropping"])
+    box = bounding_box_to_slice(properties["bbox"])
+    kept = None
+    if keep_probabilities:
+        kept = np.zeros((len(values), *shape), dtype=np.float16)
+        kept[0] = 1
+    best, index = None, None
+    for k, resampled in enumerate(revert_class_probabilities(probabilities, properties, plans)):
+        if kept is not None:
+            kept[k][box] = resampled
+        if best is None:
+            best = np.array(resampled, dtype=np.float32)  # a copy: ``resampled`` may be a view
+            index = np.zeros(best.shape, dtype=np.uint8 if len(values) <= 256 else np.int16)
+            continue
+        better = resampled > best  # strict: ties keep the earlier class, as np.argmax
+        index[better] = k
+        np.maximum(best, resampled, out=best)
+    dtype = np.uint8 if values.max() <= 255 else np.int16
+    segmentation = np.full(shape, values[0], dtype=dtype)
+    segmentation[box] = values.astype(dtype)[index]
+    return segmentation, kept
 
 
 def remove_small_components(
@@ -241,7 +293,7 @@ def write_probabilities(probabilities: np.ndarray, path: Path) -> Path:
     """``np.savez_compressed`` with key ``probabilities`` (float16 ``(K, Z, Y, X)``), atomically."""
     with io.atomic_path(path) as tmp:
         with open(tmp, "wb") as stream:
-            np.savez_compressed(stream, probabilities=probabilities.astype(np.float16))
+            np.savez_compressed(stream, probabilities=probabilities.astype(np.float16, copy=False))
     return path
 
 
@@ -276,10 +328,13 @@ def export_case(
     -------
     Path of ``{case}.nii.gz``.
     """
-    raw = revert_preprocessing(probabilities, properties, plans)
-    if save_probabilities:
+    # streamed class by class: the (K, Z, Y, X) float32 raw-grid array never exists
+    segmentation, raw = segmentation_on_raw_grid(
+        probabilities, properties, plans, class_values(labels), keep_probabilities=save_probabilities
+    )
+    if raw is not None:
         write_probabilities(raw, probabilities_path(output_dir, case_id))
-    segmentation = probabilities_to_segmentation(raw, class_values(labels))
+        del raw
     if min_component_size is not None:
         segmentation = remove_small_components(segmentation, min_component_size)
     geometry = io.Geometry.from_dict(properties["geometry"])

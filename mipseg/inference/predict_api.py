@@ -177,6 +177,8 @@ def predict_folder(
     part_id: int = 0,
     device: str = "auto",
     progress: bool = True,
+    engine: str = "auto",
+    precision: str = "float32",
 ) -> list[Path]:
     """Predict every case of ``inputs`` with the fold ensemble of a trained model.
 
@@ -194,6 +196,8 @@ def predict_folder(
         :func:`~mipseg.inference.predictor.find_folds` for the defaults.
     step_size, tta, batch_size, device
         Sliding-window step (fraction of the patch), mirroring, tiles per batch, device.
+    engine, precision
+        What runs the network on CPU and in which precision (see :mod:`mipseg.inference.engines`).
     save_probabilities
         Also write ``{case}.npz`` (key ``probabilities``, float16 ``(K, Z, Y, X)``).
     postprocess, min_component_size
@@ -228,6 +232,8 @@ def predict_folder(
         tile_step_size=step_size,
         batch_size=batch_size,
         device=device,
+        engine=engine,
+        precision=precision,
     )
     spec = predictor.dataset_json
     input_list = [inputs] if isinstance(inputs, str | Path) else list(inputs)
@@ -256,6 +262,8 @@ def predict_folder(
         "num_parts": num_parts,
         "part_id": part_id,
         "device": device,
+        "engine": engine,
+        "precision": precision,
     }
     _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
 
@@ -269,6 +277,8 @@ def predict_folder(
     written = _run_pipeline(
         todo, output_dir, predictor, save_probabilities, min_component_size, problems, progress
     )
+    if todo:  # the engine --engine auto chose is known once the first case was seen
+        _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
     if problems:
         raise InputError([f"{len(problems)} case(s) could not be predicted:"] + problems)
     return sorted(finished + written)
@@ -289,6 +299,7 @@ def _write_run_files(
         mirror_axes=list(predictor.mirror_axes),
         batch_size_used=predictor.batch_size,
         device_used=str(predictor.device),
+        engine_used=predictor.engine,
         min_component_size=min_component_size,
         ensembling="mean of per-fold softmax probabilities",
     )

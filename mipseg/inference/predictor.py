@@ -18,7 +18,14 @@ import torch
 from mipseg import io, paths
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
-from mipseg.inference.sliding_window import number_of_tiles, sliding_window_logits
+from mipseg.inference.engines import (
+    TileRunner,
+    auto_uses_openvino,
+    check_precision,
+    resolve_engine,
+    tile_runner,
+)
+from mipseg.inference.sliding_window import mirror_combinations, number_of_tiles, sliding_window_logits
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.preprocessing import preprocess_case, revert_preprocessing
 from mipseg.training.checkpoint import (
@@ -148,6 +155,14 @@ class Predictor:
         Tiles per forward pass; ``None``: the plans' batch size on CUDA, 2 on CPU.
     device
         ``"auto"``, ``"cpu"``, ``"cuda"`` or a torch device.
+    engine
+        What runs the network on CPU: ``"auto"`` (OpenVINO when installed, else torch),
+        ``"torch"`` or ``"openvino"`` (see :mod:`mipseg.inference.engines`); CUDA always uses torch.
+        ``"auto"`` keeps torch for a first volume needing fewer than
+        :data:`~mipseg.inference.engines.AUTO_OPENVINO_MIN_PASSES` passes per fold unless the
+        conversion is cached; :attr:`engine` says what ran.
+    precision
+        ``"float32"`` or ``"bfloat16"`` (CPU: torch autocast or OpenVINO's inference precision).
     """
 
     def __init__(
@@ -160,6 +175,8 @@ class Predictor:
         tile_step_size: float = 0.5,
         batch_size: int | None = None,
         device: str | torch.device = "auto",
+        engine: str = "auto",
+        precision: str = "float32",
     ) -> None:
         if not networks:
             raise ValueError("a Predictor needs at least one network")
@@ -172,6 +189,29 @@ class Predictor:
         default_batch = plans.batch_size if self.device.type == "cuda" else DEFAULT_CPU_BATCH_SIZE
         self.batch_size = int(batch_size or default_batch)
         self.num_classes = plans.num_classes
+        self.engine = resolve_engine(engine, self.device)
+        self._auto = engine == "auto"
+        self.precision = check_precision(precision)
+        self._runners: list[TileRunner] | None = None
+
+    def runners(self, preprocessed_shape: Sequence[int] | None = None) -> list[TileRunner]:
+        """One tile runner per fold for :attr:`engine` (built on first use: OpenVINO converts then).
+
+        ``preprocessed_shape`` ``(z, y, x)`` of the first volume lets ``engine="auto"`` skip the
+        conversion for a small one (see the class docstring).
+        """
+        if self._runners is None:
+            batch_shape = (self.batch_size, int(self.plans.num_channels), *self.plans.patch_size)
+            if self._auto and self.engine == "openvino" and preprocessed_shape is not None:
+                passes = number_of_tiles(preprocessed_shape, self.plans.patch_size, self.tile_step_size)
+                passes *= len(mirror_combinations(self.mirror_axes))
+                if not auto_uses_openvino(self.networks, batch_shape, self.precision, passes):
+                    self.engine = "torch"
+            self._runners = [
+                tile_runner(network, self.engine, self.precision, batch_shape, self.device)
+                for network in self.networks
+            ]
+        return self._runners
 
     @classmethod
     def from_model_folder(
@@ -210,7 +250,8 @@ class Predictor:
     ) -> list[np.ndarray]:
         """Softmax probabilities of each fold separately, each float32 ``(K, z, y, x)``."""
         return [
-            self._fold_probabilities(network, data, on_tiles_done).cpu().numpy() for network in self.networks
+            self._fold_probabilities(runner, data, on_tiles_done).cpu().numpy()
+            for runner in self.runners(data.shape[1:])
         ]
 
     def predict_preprocessed(
@@ -234,8 +275,8 @@ class Predictor:
         if data.ndim != 4 or data.shape[0] != expected:
             raise ValueError(f"expected preprocessed data (C={expected}, z, y, x), got shape {data.shape}")
         total = None
-        for network in self.networks:
-            probabilities = self._fold_probabilities(network, data, on_tiles_done)
+        for runner in self.runners(data.shape[1:]):
+            probabilities = self._fold_probabilities(runner, data, on_tiles_done)
             total = probabilities if total is None else total.add_(probabilities)
         return total.div_(len(self.networks)).cpu().numpy()
 
@@ -264,10 +305,10 @@ class Predictor:
         return revert_preprocessing(probabilities, properties, self.plans)
 
     def _fold_probabilities(
-        self, network: torch.nn.Module, data: np.ndarray, on_tiles_done: Callable[[int], None] | None
+        self, runner: TileRunner, data: np.ndarray, on_tiles_done: Callable[[int], None] | None
     ) -> torch.Tensor:
         logits = sliding_window_logits(
-            network,
+            runner,
             torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)),
             self.plans.patch_size,
             self.num_classes,

@@ -17,6 +17,7 @@ as they are.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,20 +166,40 @@ def revert_preprocessing(probabilities: np.ndarray, properties: dict[str, Any], 
     np.ndarray float32, shape (K, Z, Y, X)
         ``Z, Y, X = properties["shape_before_cropping"]``.
     """
-    resampled = resample_to_shape(
-        probabilities,
-        properties["shape_after_cropping"],
-        plans.spacing,
-        properties["original_spacing"],
-        is_seg=False,
-        order=plans.resampling["probabilities_order"],
-        order_z=plans.resampling["probabilities_order_z"],
-        separate_z_threshold=plans.resampling["separate_z_anisotropy_threshold"],
-    )
     full = np.zeros((probabilities.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
     full[0] = 1.0
-    full[(slice(None), *bounding_box_to_slice(properties["bbox"]))] = resampled
+    box = bounding_box_to_slice(properties["bbox"])
+    for k, resampled in enumerate(revert_class_probabilities(probabilities, properties, plans)):
+        full[k][box] = resampled  # one class at a time: no (K, z, y, x) resampled copy besides ``full``
     return full
+
+
+def revert_class_probabilities(
+    probabilities: np.ndarray, properties: dict[str, Any], plans: Plans
+) -> Iterator[np.ndarray]:
+    """Like :func:`revert_preprocessing`, one class at a time and only inside the crop box.
+
+    Resampling treats every channel on its own, so class ``k`` here is exactly
+    ``revert_preprocessing(...)[k][bounding_box_to_slice(properties["bbox"])]``, while memory holds
+    one class of the raw crop box instead of all ``K`` classes of the whole raw grid.
+
+    Yields
+    ------
+    np.ndarray float32, shape ``properties["shape_after_cropping"]``
+        Class ``k`` for ``k = 0 .. K-1``; may be a view of ``probabilities`` when no resampling
+        is needed (do not modify it).
+    """
+    for k in range(probabilities.shape[0]):
+        yield resample_to_shape(
+            probabilities[k : k + 1],
+            properties["shape_after_cropping"],
+            plans.spacing,
+            properties["original_spacing"],
+            is_seg=False,
+            order=plans.resampling["probabilities_order"],
+            order_z=plans.resampling["probabilities_order_z"],
+            separate_z_threshold=plans.resampling["separate_z_anisotropy_threshold"],
+        )[0]
 
 
 def sample_class_locations(

@@ -84,8 +84,23 @@ def resolve_defaults(config: TrainingConfig, device: torch.device) -> TrainingCo
         if values[key] is None:
             values[key] = default
     if values["num_workers"] is None:
-        values["num_workers"] = min(2, torch.multiprocessing.cpu_count())
+        values["num_workers"] = default_num_workers(device)
     return TrainingConfig(**values)
+
+
+CUDA_NUM_WORKERS = 12  # nnU-Net's default number of augmentation processes (get_allowed_n_proc_DA)
+CPU_NUM_WORKERS = 2
+
+
+def default_num_workers(device: torch.device, cpu_count: int | None = None) -> int:
+    """Augmentation processes when ``--num-workers`` is not given, at most one per CPU.
+
+    On CUDA, 12 as nnU-Net: a GPU trains the full-size plan in 0.08 s per step, and with 2 workers
+    the H200 waited for batches (1.40 s/iteration vs 0.27 s with 12, documentation/performance.md).
+    On CPU, 2: the network itself takes about a second per step there and shares the cores.
+    """
+    cpus = cpu_count or torch.multiprocessing.cpu_count()
+    return min(CUDA_NUM_WORKERS if device.type == "cuda" else CPU_NUM_WORKERS, cpus)
 
 
 @dataclass
