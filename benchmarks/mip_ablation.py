@@ -61,7 +61,7 @@ def run(command: list[str], env: dict[str, str]) -> float:
 
 def case_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Dice, clDice and recall of two boolean masks."""
-    from mipseg.evaluation.metrics import cldice, dice, recall
+    from mipseg.metrics import cldice, dice, recall
 
     return {
         "dice": float(dice(truth, prediction)),

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mipseg import io
 from mipseg.errors import InputError
-from mipseg.evaluation.metrics import absent_label_metrics, compute_metrics
+from mipseg.metrics import absent_label_metrics, compute_metrics
 
 SUMMARY_NAME = "summary.json"
 _console = Console(stderr=True)

@@ -16,6 +16,7 @@ from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_si
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.metrics import dice_from_counts
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import revert_preprocessing
 
@@ -149,7 +150,9 @@ def min_size_from_validation(
             counts[value] = counts.get(value, 0) + np.stack([tp_left, fp_left, fn])
     if not counts:
         return int(candidates[0]), {int(c): float("nan") for c in candidates}
-    dice_per_label = [2 * tp / np.maximum(2 * tp + fp + fn, 1) for tp, fp, fn in counts.values()]
+    # A label empty on both sides at some candidate counts 0 (not NaN): the mean over labels must
+    # stay defined for every candidate to rank them.
+    dice_per_label = [np.nan_to_num(dice_from_counts(tp, fp, fn), nan=0.0) for tp, fp, fn in counts.values()]
     mean_dice = np.mean(dice_per_label, axis=0)
     return int(candidates[int(np.argmax(mean_dice))]), {
         int(c): float(d) for c, d in zip(candidates, mean_dice)
