@@ -42,7 +42,7 @@ STAGES = {
     "plan": ("mipseg.planning.plan_api", "plan_and_preprocess"),
     "pseudolabel": ("mipseg.pseudolabel.pseudolabel_api", "make_pseudo_labels"),
     "train": ("mipseg.training.train_api", "train_fold"),
-    "refine": ("mipseg.training.refine_api", "refine_labelset"),
+    "refine": ("mipseg.refine.refine_api", "refine_labelset"),
     "predict": ("mipseg.inference.predict_api", "predict_folder"),
     "evaluate": ("mipseg.evaluation.evaluate", "evaluate_folders"),
 }
@@ -105,7 +105,7 @@ def test_scores(dataset: str, raw: Path, labels: str, output: Path, device: str)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mipseg import io, paths
     from mipseg.dataset import load_dataset
-    from mipseg.training.refine_api import RefineSettings
+    from mipseg.refine.refine_api import RefineSettings
     from mipseg.training.trainer import TrainingConfig
 
     for name in STAGES:  # fail before hours of training, not after

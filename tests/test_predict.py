@@ -16,13 +16,13 @@ from mipseg.errors import InputError
 from mipseg.inference.export import remove_small_components, smallest_component_size
 from mipseg.inference.predict_api import discover_cases, predict_folder, select_part
 from mipseg.inference.predictor import Predictor, resolve_model_dir
-from mipseg.inference.sliding_window import (
+from mipseg.planning.plans import NetworkTopology, Plans
+from mipseg.sliding_window import (
     compute_steps,
     gaussian_importance_map,
     mirror_combinations,
     sliding_window_logits,
 )
-from mipseg.planning.plans import NetworkTopology, Plans
 from mipseg.training.checkpoint import save_checkpoint
 from mipseg.training.network import build_network
 

@@ -18,9 +18,9 @@ import torch
 from mipseg import io, paths
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
-from mipseg.inference.sliding_window import number_of_tiles, sliding_window_logits
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.preprocessing import preprocess_case, revert_preprocessing
+from mipseg.sliding_window import number_of_tiles, sliding_window_logits
 from mipseg.training.checkpoint import (
     CHECKPOINT_KINDS,
     checkpoint_path,

@@ -17,6 +17,7 @@ from torch import nn
 from mipseg import io, paths
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
+from mipseg.progress import progress_bar
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import data as data_module
 from mipseg.training import distributed as ddp
@@ -286,19 +287,15 @@ def _train(
     return fold_dir
 
 
-def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes=()):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, show_progress, mip_axes=()):
     config = state.config
-    show = progress and context.is_main
     plotted_at = 0.0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
         _augmenters(inputs, config, context, device.type == "cuda", state.epoch, mip_axes) as (
             train_batches,
             val_batches,
         ),
-        Progress(*columns, disable=not show, transient=True) as bar,
+        progress_bar(show_progress and context.is_main, transient=True) as bar,
     ):
         epochs = bar.add_task("epochs", total=config.epochs, completed=state.epoch)
         iterations = bar.add_task("iterations", total=config.iters_per_epoch)
@@ -349,15 +346,13 @@ def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: 
 
 
 def _final_validation(
-    state, inputs: FoldInputs, fold_dir: Path, device, log_path: Path, progress: bool
+    state, inputs: FoldInputs, fold_dir: Path, device, log_path: Path, show_progress: bool
 ) -> None:
-    from rich.progress import Progress
-
     network = unwrap(state.network)
     network = getattr(network, "network3d", network)  # prediction runs the 3D network alone
     network.deep_supervision = False
     case_ids = [c.case_id for c in inputs.val_cases]
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(show_progress, transient=True) as bar:
         task = bar.add_task("validation", total=len(case_ids))
         summary = export_validation(
             network,
@@ -368,9 +363,10 @@ def _final_validation(
             output_dir=fold_dir / "validation",
             patch_size=inputs.plans.patch_size,
             device=device,
+            num_classes=inputs.spec.num_classes,
             foreground_labels=inputs.spec.foreground_labels,
             ignore_label=inputs.spec.ignore_label,
-            progress=lambda _case: bar.advance(task),
+            on_case_done=lambda _case: bar.advance(task),
         )
     network.deep_supervision = True
     log_line(log_path, f"validation of {len(case_ids)} cases: {summary['mean']}")
