@@ -5,6 +5,9 @@ Shared layer: any stage may import it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -15,6 +18,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+Item = TypeVar("Item")
 
 
 def progress_bar(show: bool = True, *, transient: bool = False, elapsed: bool = False) -> Progress:
@@ -35,3 +40,9 @@ def progress_bar(show: bool = True, *, transient: bool = False, elapsed: bool = 
         columns.append(TimeElapsedColumn())
     columns.append(TimeRemainingColumn())
     return Progress(*columns, console=Console(stderr=True), disable=not show, transient=transient)
+
+
+def track(items: Iterable[Item], description: str, *, show: bool = True) -> Iterator[Item]:
+    """Yield ``items`` while :func:`progress_bar` counts them (``len(items)`` as the total when known)."""
+    with progress_bar(show) as bar:
+        yield from bar.track(items, description=description)

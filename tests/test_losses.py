@@ -104,7 +104,7 @@ def test_loss_decreases_on_a_fixed_batch() -> None:
 
 def test_pseudo_dice_counts_only_labelled_voxels_and_poly_lr() -> None:
     from mipseg.metrics import dice_from_counts
-    from mipseg.training.trainer import confusion_counts, poly_lr
+    from mipseg.training.loop import confusion_counts, poly_lr
 
     logits = torch.zeros(1, 2, 1, 1, 4)
     logits[0, 1, 0, 0, :2] = 1.0  # predicts vessel on voxels 0 and 1

@@ -137,8 +137,8 @@ def test_merge_cleans_labelled_adds_unlabelled_conflicts_become_ignore_seeds_sta
 
 
 def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     resampling = {"data_order": 3, "data_order_z": 0, "seg_order": 1, "seg_order_z": 0}
     resampling.update(probabilities_order=1, probabilities_order_z=0, separate_z_anisotropy_threshold=3.0)
@@ -151,14 +151,16 @@ def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
         epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, device="cpu", dropout=dropout
     )
     for fold in (0, 1):
-        train_fold(name, fold, config=config, progress=False)
+        train_fold(name, fold, config=config, show_progress=False)
     return name
 
 
 def test_stage_writes_a_valid_label_set_report_and_resumes(data_roots) -> None:
     name = _train_two_folds(data_roots)
     settings = RefineSettings(passes=2)
-    folder = refine_labelset(name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False)
+    folder = refine_labelset(
+        name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False
+    )
     source = data_roots["preprocessed"] / name / "labelsets" / "pseudo"
     report = io.read_json(folder / "report.json")
     assert sorted(report["cases"]) == [f"case_{i:03d}" for i in range(4)]
@@ -184,14 +186,14 @@ def test_stage_writes_a_valid_label_set_report_and_resumes(data_roots) -> None:
     assert (folder / "case_000.nii.gz").stat().st_mtime_ns == stamp
     # the refined set preprocesses and trains (fine-tuning from the fold's model); in-process here
     from mipseg.planning.preprocessing import preprocess_labelset
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     preprocess_labelset(name, "refined", num_processes=1)
 
     init = data_roots["results"] / name / "plain__pseudo__3d_fullres" / "fold_0" / "checkpoint_final.pt"
     config = TrainingConfig(epochs=1, iters_per_epoch=1, val_iters=1, num_workers=0, device="cpu")
-    fold_dir = train_fold(name, 0, labels="refined", config=config, init_from=init, progress=False)
+    fold_dir = train_fold(name, 0, labels="refined", config=config, init_from=init, show_progress=False)
     assert (fold_dir / "checkpoint_final.pt").is_file()
     # refining again invalidates the preprocessed copies the fine-tuning made; a fold model without
     # dropout gives a warning (recorded in the report), not an error

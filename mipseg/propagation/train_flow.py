@@ -71,9 +71,9 @@ class FlowTrainingSettings:
         return data
 
 
-def flow_model_dir(dataset_id: str | int) -> Path:
+def flow_model_dir(dataset: str | int) -> Path:
     """``results/DatasetX/flow__selfsup``."""
-    return paths.results_dataset_dir(dataset_id) / FLOW_MODEL_NAME
+    return paths.results_dataset_dir(dataset) / FLOW_MODEL_NAME
 
 
 def load_normalized_image(path: Path) -> np.ndarray:

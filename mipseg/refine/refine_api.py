@@ -139,7 +139,7 @@ def refine_labelset(
     torch_device = resolve_device(device)
     loaded = load_dataset(dataset, read_voxels=False)
     if settings.trainer == "auto":  # as mipseg_train's default: mip for MIP-annotated datasets
-        from mipseg.training.trainers import resolve_trainer_name
+        from mipseg.training.trainer_registry import resolve_trainer_name
 
         settings = replace(settings, trainer=resolve_trainer_name(loaded.name, "auto"))
     preprocessed = paths.preprocessed_dataset_dir(loaded.name)

@@ -22,11 +22,7 @@ from mipseg.training import checkpoint as ckpt
 from mipseg.training import data as data_module
 from mipseg.training import distributed as ddp
 from mipseg.training.fold_inputs import FoldInputs, load_init_weights, parse_fold, resolve_inputs
-from mipseg.training.mip_branch import join_checkpoint, split_checkpoint
-from mipseg.training.mip_data import attach_mip_targets
-from mipseg.training.mip_losses import MipSettings
-from mipseg.training.progress import PLOT_INTERVAL_S, log_line, plot_progress
-from mipseg.training.trainer import (
+from mipseg.training.loop import (
     TrainingConfig,
     TrainingState,
     check_config,
@@ -38,13 +34,17 @@ from mipseg.training.trainer import (
     state_to_checkpoint,
     unwrap,
 )
-from mipseg.training.trainers import (
+from mipseg.training.mip_branch import join_checkpoint, split_checkpoint
+from mipseg.training.mip_data import attach_mip_targets
+from mipseg.training.mip_losses import MipSettings
+from mipseg.training.trainer_registry import (
     TRAINERS,
     TrainerComponents,
     mip_axes_of,
     mip_trainer,
     resolve_trainer_name,
 )
+from mipseg.training.training_log import PLOT_INTERVAL_S, log_line, plot_progress
 from mipseg.training.validation import export_validation
 
 
@@ -106,9 +106,9 @@ def train_fold(
     labels: str = "pseudo",
     trainer: str = "plain",
     config: TrainingConfig | None = None,
-    continue_training: bool = False,
+    resume: bool = False,
     init_from: str | Path | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
     mip_settings: MipSettings | None = None,
 ) -> Path:
     """Train one fold and export its out-of-fold probabilities; returns ``fold_k``'s folder.
@@ -127,10 +127,12 @@ def train_fold(
         else ``plain``.
     config
         Epochs, iterations, seed, device, ... (:class:`TrainingConfig`).
-    continue_training
-        Resume from ``checkpoint_latest`` (or finish from ``checkpoint_final``).
+    resume
+        Continue from ``checkpoint_latest`` (or finish from ``checkpoint_final``): ``--continue``.
     init_from
         Checkpoint to initialise the weights from (fine-tuning).
+    show_progress
+        Progress bars (epochs, iterations, final validation).
     mip_settings
         Loss weights, projection variant and branch switch of the ``mip`` trainer (default: the
         published ones; a resumed run keeps its checkpoint's).
@@ -138,7 +140,7 @@ def train_fold(
     trainer = resolve_trainer_name(dataset, trainer)
     if trainer not in TRAINERS:
         raise InputError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}")
-    if continue_training and init_from is not None:
+    if resume and init_from is not None:
         raise InputError("--continue and --init-from exclude each other")
     fold = parse_fold(fold)
     config = config or TrainingConfig()
@@ -158,9 +160,9 @@ def train_fold(
             config,
             device,
             context,
-            continue_training,
+            resume,
             init_from,
-            progress,
+            show_progress,
             mip_settings,
         )
     finally:
@@ -198,9 +200,9 @@ def _train(
     config,
     device,
     context,
-    continue_training,
+    resume,
     init_from,
-    progress,
+    show_progress,
     mip_settings=None,
 ):
     inputs = resolve_inputs(dataset, fold, labels) if context.is_main else None
@@ -211,7 +213,7 @@ def _train(
     fold_dir = model_dir / f"fold_{fold}"
     log_path = fold_dir / "training_log.txt"
     resume_from = None
-    if continue_training:
+    if resume:
         for kind in ("final", "latest"):
             if ckpt.checkpoint_path(fold_dir, kind).is_file():
                 resume_from = ckpt.load_checkpoint(ckpt.checkpoint_path(fold_dir, kind))
@@ -233,7 +235,7 @@ def _train(
         fold_dir.mkdir(parents=True, exist_ok=True)
         inputs.plans.save(model_dir / "plans.json")
         io.write_json(inputs.dataset_json, model_dir / "dataset.json")
-        if continue_training and resume_from is None:
+        if resume and resume_from is None:
             log_line(log_path, "--continue: no checkpoint found, starting from scratch")
         if resume_from is None:
             # a fresh run replaces an earlier one: its final/latest must not be resumed by mistake
@@ -276,13 +278,13 @@ def _train(
         extra["mip_axes"] = list(mip_axes)
     loss_fn = components.build_loss(inputs.plans, inputs.spec, config)
     if state.epoch < config.epochs:
-        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes)
+        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, show_progress, mip_axes)
     if context.is_main:
         final = ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final"))
         ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
         log_line(log_path, f"training done after {state.epoch} epochs: {final.name}")
         if fold != "all":
-            _final_validation(state, inputs, fold_dir, device, log_path, progress)
+            _final_validation(state, inputs, fold_dir, device, log_path, show_progress)
     ddp.barrier(context)
     return fold_dir
 
