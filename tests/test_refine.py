@@ -158,9 +158,7 @@ def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
 def test_stage_writes_a_valid_label_set_report_and_resumes(data_roots) -> None:
     name = _train_two_folds(data_roots)
     settings = RefineSettings(passes=2)
-    folder = refine_labelset(
-        name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False
-    )
+    folder = refine_labelset(name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False)
     source = data_roots["preprocessed"] / name / "labelsets" / "pseudo"
     report = io.read_json(folder / "report.json")
     assert sorted(report["cases"]) == [f"case_{i:03d}" for i in range(4)]

@@ -16,6 +16,7 @@ from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_si
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet
 from mipseg.metrics import dice_from_counts
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import revert_preprocessing
@@ -163,7 +164,7 @@ def _validation_cases(
     model_dir: Path, dataset: str | int, labelset: str, labels: Mapping[str, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Argmax of every ``fold_*/validation/{case}.npz`` with its preprocessed label-set reference."""
-    reference_dir = paths.preprocessed_dataset_dir(dataset) / "data" / "labelsets" / labelset
+    reference_dir = LabelSet.of(dataset, labelset).preprocessed_folder
     cases = []
     for npz_path in sorted(model_dir.glob("fold_*/validation/*.npz")):
         reference_path = reference_dir / f"{npz_path.stem}.npy"
@@ -220,7 +221,7 @@ def learned_min_component_size(
     folder = (
         paths.raw_dataset_dir(dataset) / "labelsTr"
         if labelset == "dense"
-        else paths.labelset_dir(dataset, labelset)
+        else LabelSet.of(dataset, labelset).folder
     )
     files = sorted(folder.glob(f"*{SEGMENTATION_ENDING}")) if folder.is_dir() else []
     smallest = smallest_component_size((io.read_image(f)[0] for f in files), ignore_label) if files else None
