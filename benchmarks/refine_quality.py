@@ -237,7 +237,7 @@ def show(result: dict[str, Any]) -> None:
     for name, row in result["test"].items():
         test.add_row(name, f"{row['Dice']:.4f}", f"{row['clDice']:.4f}")
     console.print(test)
-    console.print("changes:", result["refine_summary"].get("changes"))
+    console.print("changes:", result["refine_summary"].get("counts", {}).get("changes"))
     console.print("timings (s):", {k: round(v, 1) for k, v in result["timings_s"].items()})
 
 

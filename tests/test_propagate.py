@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from mipseg import io, paths
+from mipseg.metrics import dice
 from mipseg.propagation import train_flow
 from mipseg.propagation.baselines import copy_transport, demons_flow, registration_transport
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume
@@ -67,10 +68,6 @@ def translating_organ(depth: int = 24, size: int = 48, shift=(0.75, -0.5), seed:
     forward = np.zeros((depth, 2, size, size), np.float32)
     forward[:, 0], forward[:, 1] = -shift[0], -shift[1]
     return image, label, torch.from_numpy(forward), torch.from_numpy(-forward)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 # --- warping conventions -----------------------------------------------------------------------
