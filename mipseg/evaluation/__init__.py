@@ -1,4 +1,4 @@
-"""Evaluation: segmentation metrics (metrics.py) and folder evaluation to summary.json (evaluate.py)."""
+"""Evaluation: folder evaluation to summary.json (evaluate.py); the metrics are :mod:`mipseg.metrics`."""
 
 from mipseg.evaluation.evaluate import evaluate_folders
 from mipseg.metrics import compute_metrics
