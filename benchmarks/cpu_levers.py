@@ -219,7 +219,7 @@ def _mean_dice(reference_dir: Path, prediction_dir: Path) -> float:
     import numpy as np
 
     from mipseg import io
-    from mipseg.evaluation.metrics import dice
+    from mipseg.metrics import dice
 
     scores = []
     for reference_path in sorted(reference_dir.glob("*.nii.gz")):

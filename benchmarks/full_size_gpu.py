@@ -185,15 +185,17 @@ def _seconds_per_iteration(fold_dir: Path, iters: int) -> tuple[float, float]:
 
 
 def _train(args: argparse.Namespace, results: Results, workers: int | None, epochs: int, iters: int) -> Path:
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     config = TrainingConfig(
         epochs=epochs, iters_per_epoch=iters, val_iters=5, num_workers=workers, device=args.device
     )
     gpu_peak_reset(args.device)
     start = time.time()
-    fold_dir = train_fold(DATASET_NAME, 0, labels="dense", trainer="plain", config=config, progress=False)
+    fold_dir = train_fold(
+        DATASET_NAME, 0, labels="dense", trainer="plain", config=config, show_progress=False
+    )
     wall = time.time() - start
     per_iter, first = _seconds_per_iteration(fold_dir, iters)
     label = f"workers {workers if workers is not None else 'default'}"
@@ -344,7 +346,7 @@ def _full_size_preprocessed(plans):
 def step_window(args: argparse.Namespace, results: Results) -> None:
     import torch
 
-    from mipseg.inference.sliding_window import number_of_tiles, sliding_window_logits
+    from mipseg.sliding_window import number_of_tiles, sliding_window_logits
     from mipseg.training.network import build_network
 
     plans = _mipseg_plans()
@@ -395,7 +397,7 @@ def step_window(args: argparse.Namespace, results: Results) -> None:
 
 
 def step_predict(args: argparse.Namespace, results: Results) -> None:
-    from mipseg.inference.predict_api import predict_folder
+    from mipseg.inference.predict_api import PredictionSettings, predict_folder
 
     raw = Path(os.environ["MIPSEG_RAW"]) / DATASET_NAME
     voxels = float(np.prod(args.shape))
@@ -408,11 +410,10 @@ def step_predict(args: argparse.Namespace, results: Results) -> None:
             raw / "imagesTs",
             out,
             DATASET_NAME,
-            trainer="plain",
             labels="dense",
-            tta=tta,
+            settings=PredictionSettings(trainer="plain", tta=tta),
             device=args.device,
-            progress=False,
+            show_progress=False,
         )
         seconds = time.time() - start
         results.add("predict", f"mipseg_predict, mirroring {tta}: NIfTI in -> NIfTI out", seconds, "s")

@@ -61,7 +61,7 @@ def run(command: list[str], env: dict[str, str]) -> float:
 
 def case_metrics(prediction: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     """Dice, clDice and recall of two boolean masks."""
-    from mipseg.evaluation.metrics import cldice, dice, recall
+    from mipseg.metrics import cldice, dice, recall
 
     return {
         "dice": float(dice(truth, prediction)),
@@ -149,10 +149,10 @@ def time_steps(plans_path: Path, steps: int = 5, warmup: int = 2) -> dict[str, f
     import torch
 
     from mipseg.planning.plans import load_plans
+    from mipseg.training.loop import TrainingConfig, make_state, train_step
     from mipseg.training.losses import PartialDiceCELoss
     from mipseg.training.mip_branch import build_mip_network
     from mipseg.training.mip_losses import MipProjectionLoss, MipSettings
-    from mipseg.training.trainer import TrainingConfig, make_state, train_step
 
     plans = load_plans(plans_path)
     axes = tuple(plans.mip_axes) or (0,)

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mipseg.metrics import dice
 from mipseg.propagation.instance_optimization import InstanceOptimization
 
 ORGANS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
@@ -51,11 +52,6 @@ def write_real_dataset(raw_root: Path, dataset_id: int, name: str, image_path: P
         },
         folder / "dataset.json",
     )
-
-
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    total = int(prediction.sum()) + int(truth.sum())
-    return 2.0 * float((prediction & truth).sum()) / total if total else float("nan")
 
 
 def evaluate_volume(
@@ -93,7 +89,7 @@ def evaluate_volume(
                         "method": method,
                         "start": start_name,
                         "slice": index,
-                        "dice": dice(result.labels > 0, truth),
+                        "dice": dice(truth, result.labels > 0),
                         "extent": [extent.first, extent.last],
                         "true_extent": [int(occupied[0]), int(occupied[-1])],
                     }

@@ -42,7 +42,7 @@ STAGES = {
     "plan": ("mipseg.planning.plan_api", "plan_and_preprocess"),
     "pseudolabel": ("mipseg.pseudolabel.pseudolabel_api", "make_pseudo_labels"),
     "train": ("mipseg.training.train_api", "train_fold"),
-    "refine": ("mipseg.training.refine_api", "refine_labelset"),
+    "refine": ("mipseg.refine.refine_api", "refine_labelset"),
     "predict": ("mipseg.inference.predict_api", "predict_folder"),
     "evaluate": ("mipseg.evaluation.evaluate", "evaluate_folders"),
 }
@@ -58,26 +58,29 @@ def stage(name: str):
 
 
 def label_quality(labelset_dir: Path, truth_dir: Path, case_ids: list[str], ignore: int) -> dict[str, float]:
-    """Mean over cases of the foreground / background sets of a label set against dense truth."""
+    """Mean over cases of the foreground / background sets of a label set against dense truth.
+
+    Scored by :func:`mipseg.labelset.agreement` (what the label sets' report.json records).
+    """
     from mipseg import io
+    from mipseg.labelset import agreement
 
     rows: list[dict[str, float]] = []
     for case_id in case_ids:
         labels, _ = io.read_image(labelset_dir / f"{case_id}.nii.gz")
-        truth = io.read_image(truth_dir / f"{case_id}.nii.gz")[0] > 0
-        foreground, background = labels == 1, labels == 0
-        hits = float((foreground & truth).sum())
+        truth = (io.read_image(truth_dir / f"{case_id}.nii.gz")[0] > 0).astype(np.uint8)
+        scores = agreement(labels, truth, {"background": 0, "vessel": 1})
         rows.append(
             {
-                "fg precision": hits / max(foreground.sum(), 1),
-                "fg recall": hits / max(truth.sum(), 1),
-                "fg Dice": 2 * hits / max(foreground.sum() + truth.sum(), 1),
-                "bg precision": float((background & ~truth).sum()) / max(background.sum(), 1),
-                "bg recall": float((background & ~truth).sum()) / max((~truth).sum(), 1),
+                "fg precision": scores["vessel"]["precision"],
+                "fg recall": scores["vessel"]["recall"],
+                "fg Dice": scores["vessel"]["dice"],
+                "bg precision": scores["background"]["precision"],
+                "bg recall": scores["background"]["recall"],
                 "labelled": float((labels != ignore).mean()),
             }
         )
-    return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
+    return {key: float(np.nanmean([row[key] for row in rows])) for key in rows[0]}
 
 
 def write_splits(preprocessed: Path, case_ids: list[str], folds: int) -> list[dict]:
@@ -92,8 +95,16 @@ def write_splits(preprocessed: Path, case_ids: list[str], folds: int) -> list[di
 
 def test_scores(dataset: str, raw: Path, labels: str, output: Path, device: str) -> dict[str, float]:
     """Dice and clDice of the vessel label for the fold ensemble trained on ``labels``."""
+    from mipseg.inference.predict_api import PredictionSettings
+
     stage("predict")(
-        raw / "imagesTs", output, dataset, labels=labels, trainer="plain", device=device, progress=False
+        raw / "imagesTs",
+        output,
+        dataset,
+        labels=labels,
+        settings=PredictionSettings(trainer="plain"),
+        device=device,
+        show_progress=False,
     )
     summary = stage("evaluate")(
         raw / "labelsTs", output, dataset_json=raw / "dataset.json", num_processes=1, show_progress=False
@@ -105,8 +116,8 @@ def test_scores(dataset: str, raw: Path, labels: str, output: Path, device: str)
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from mipseg import io, paths
     from mipseg.dataset import load_dataset
-    from mipseg.training.refine_api import RefineSettings
-    from mipseg.training.trainer import TrainingConfig
+    from mipseg.refine.refine_api import RefineSettings
+    from mipseg.training.loop import TrainingConfig
 
     for name in STAGES:  # fail before hours of training, not after
         stage(name)
@@ -154,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train = stage("train")
     started = time.time()
     for fold in range(len(splits)):
-        train(dataset, fold, labels="pseudo", config=config(args.epochs, args.dropout), progress=False)
+        train(dataset, fold, labels="pseudo", config=config(args.epochs, args.dropout), show_progress=False)
     timings["train base folds"] = time.time() - started
     started = time.time()
     settings = RefineSettings(passes=args.passes, cl_method=args.cl_method, seed=args.seed)
@@ -172,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             labels="refined",
             config=config(args.finetune_epochs, 0.0),
             init_from=init,
-            progress=False,
+            show_progress=False,
         )
     timings["fine-tune folds"] = time.time() - started
 
@@ -193,8 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fold,
                 labels="pseudo",
                 config=config(args.epochs + args.finetune_epochs, args.dropout),
-                continue_training=True,
-                progress=False,
+                resume=True,
+                show_progress=False,
             )
         scores["control (pseudo, same extra epochs)"] = test_scores(
             dataset, raw, "pseudo", workdir / "pred_control", args.device
@@ -226,7 +237,7 @@ def show(result: dict[str, Any]) -> None:
     for name, row in result["test"].items():
         test.add_row(name, f"{row['Dice']:.4f}", f"{row['clDice']:.4f}")
     console.print(test)
-    console.print("changes:", result["refine_summary"].get("changes"))
+    console.print("changes:", result["refine_summary"].get("counts", {}).get("changes"))
     console.print("timings (s):", {k: round(v, 1) for k, v in result["timings_s"].items()})
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 from _pipeline import run_command
 
+from mipseg.metrics import dice
+
 STAGES = ("synthesize", "plan", "pseudolabel", "train", "predict")
 DATASET_ID = 960
 
@@ -49,19 +51,14 @@ def run(command: list[str], env: dict[str, str]) -> float:
     return run_command(command, env, "train_quality")
 
 
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice of two binary masks (1 when both are empty)."""
-    denominator = prediction.sum() + truth.sum()
-    return float(2 * (prediction & truth).sum() / denominator) if denominator else 1.0
-
-
 def folder_dice(predictions: list[np.ndarray], truths: list[np.ndarray]) -> dict[str, float]:
-    """Mean per-case Dice and Dice of all voxels pooled."""
+    """Mean per-case Dice and Dice of all voxels pooled (:func:`mipseg.metrics.dice`: NaN when both
+    masks are empty, left out of the mean)."""
     pooled = dice(
-        np.concatenate([p.ravel() for p in predictions]), np.concatenate([t.ravel() for t in truths])
+        np.concatenate([t.ravel() for t in truths]), np.concatenate([p.ravel() for p in predictions])
     )
     return {
-        "mean_case_dice": float(np.mean([dice(p, t) for p, t in zip(predictions, truths)])),
+        "mean_case_dice": float(np.nanmean([dice(t, p) for p, t in zip(predictions, truths)])),
         "pooled_dice": pooled,
     }
 

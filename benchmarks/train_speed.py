@@ -56,9 +56,9 @@ def plans_from_arguments(args: argparse.Namespace) -> Plans:
 
 def time_training_steps(plans: Plans, device: torch.device, steps: int, warmup: int) -> float:
     """Seconds per training step (median of ``steps`` after ``warmup``)."""
+    from mipseg.training.loop import TrainingConfig, make_state, train_step
     from mipseg.training.losses import PartialDiceCELoss
     from mipseg.training.network import build_network
-    from mipseg.training.trainer import TrainingConfig, make_state, train_step
 
     num_classes = plans.num_classes
     network = build_network(plans, num_input_channels=plans.num_channels, num_classes=num_classes)

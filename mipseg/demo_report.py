@@ -11,7 +11,7 @@ Dice definitions (all against the dense truth the synthetic data comes with):
   (``mipseg.synthetic.best_threshold_dice``; voxels of all test cases pooled); an oracle reference.
 * label sets (pseudo, refined, propagated): the voxels a label set calls foreground against the true
   foreground of the training cases, as the label set's ``report.json`` gives it (ignore = not
-  foreground), mean over cases.
+  foreground; ``summary.foreground_dice`` of :mod:`mipseg.labelset`), mean over cases.
 * models: mean Dice over the test cases from the ``summary.json`` of ``mipseg_evaluate``.
 """
 
@@ -21,7 +21,6 @@ import argparse
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -29,6 +28,7 @@ from rich.table import Table
 
 from mipseg import io, paths
 from mipseg.dataset import load_dataset
+from mipseg.labelset import LabelSet
 from mipseg.planning.mip import maximum_intensity_projection
 from mipseg.synthetic.annotation import best_threshold_dice
 
@@ -49,30 +49,6 @@ class Row:
     method: str
     scored_on: str
     dice: float
-
-
-def mean_labelset_dice(report: dict[str, Any]) -> float:
-    """Mean over cases of the foreground Dice a label set's ``report.json`` records.
-
-    Understands the three report shapes: pseudolabel (``summary.agreement_mean.dice``), refine
-    (per case ``agreement.after.vessel`` precision/recall; Dice = 2PR / (P + R)) and propagate
-    (``mean_dice`` per label, averaged over labels).
-    """
-    pseudolabel_mean = report.get("summary", {}).get("agreement_mean", {})
-    if "dice" in pseudolabel_mean:
-        return float(pseudolabel_mean["dice"])
-    if "mean_dice" in report:
-        return float(np.mean([float(v) for v in report["mean_dice"].values()]))
-    dices = []
-    for case in report["cases"].values():
-        after = case.get("agreement", {}).get("after", {})
-        foreground = [v for k, v in after.items() if k != "background"]
-        for scores in foreground:
-            precision, recall = float(scores["precision"]), float(scores["recall"])
-            dices.append(2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0)
-    if not dices:
-        raise ValueError("the label set report holds no agreement with dense truth")
-    return float(np.mean(dices))
 
 
 def summary_dice(summary_path: Path) -> float:
@@ -103,13 +79,12 @@ def threshold_row(dataset_id: int | str) -> Row:
 
 def vessel_rows(dataset_id: int | str) -> list[Row]:
     """Threshold, pseudo-labels, refined labels, and the three models of the vessel demo."""
-    labelsets = paths.preprocessed_dataset_dir(dataset_id) / "labelsets"
     predictions = paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER
     rows = [threshold_row(dataset_id)]
     for name, method in (("pseudo", "pseudo-labels"), ("refined", "refined labels")):
-        report = labelsets / name / "report.json"
-        if report.is_file():
-            rows.append(Row("vessels", method, "train cases", mean_labelset_dice(io.read_json(report))))
+        labelset = LabelSet.of(dataset_id, name)
+        if labelset.report_path.is_file():
+            rows.append(Row("vessels", method, "train cases", labelset.foreground_dice()))
     for name, method in VESSEL_MODELS.items():
         summary = predictions / name / "summary.json"
         if summary.is_file():
@@ -119,14 +94,13 @@ def vessel_rows(dataset_id: int | str) -> list[Row]:
 
 def organ_rows(dataset_id: int | str) -> list[Row]:
     """Registration vs flow propagation of the annotated slices, and the model trained on flow labels."""
-    labelsets = paths.preprocessed_dataset_dir(dataset_id) / "labelsets"
     rows = []
-    for name in sorted(p.name for p in labelsets.glob("*") if (p / "report.json").is_file()):
-        report = io.read_json(labelsets / name / "report.json")
-        if "mean_dice" not in report:
-            continue
-        method = f"{report.get('method', name)} propagation ({name})"
-        rows.append(Row("organs", method, "train cases", mean_labelset_dice(report)))
+    for labelset in LabelSet.all_of(dataset_id):
+        report = labelset.read_report()
+        if "method" not in report or "foreground_dice" not in report["summary"]:
+            continue  # not a propagated set, or no dense truth to score it against
+        method = f"{report['method']} propagation ({labelset.name})"
+        rows.append(Row("organs", method, "train cases", labelset.foreground_dice()))
     for summary in sorted(
         (paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER).glob("*/summary.json")
     ):

@@ -232,6 +232,14 @@ def write_json(data: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+def json_round_trip(data: Any) -> Any:
+    """``data`` as :func:`write_json` then :func:`read_json` give it back (tuples as lists), NaN as null.
+
+    Lets settings compare equal to what a file holds, and keeps NaN (not valid JSON) out of reports.
+    """
+    return json.loads(json.dumps(data, default=_json_default), parse_constant=lambda _: None)
+
+
 def save_npy(array: np.ndarray, path: str | Path) -> Path:
     """``np.save`` atomically."""
     with atomic_path(path) as tmp:

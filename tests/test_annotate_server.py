@@ -29,6 +29,7 @@ from mipseg.annotate.prefill import project_labels
 from mipseg.annotate.server import create_app
 from mipseg.annotation_png import read_annotation, read_annotation_values
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet, LabelSetWriter
 from mipseg.planning.mip import maximum_intensity_projection
 
 TOKEN = "test-token"
@@ -326,8 +327,13 @@ def test_prefill_threshold_and_label_set_projection(vessels: Path) -> None:
     volume, geometry = io.read_image(vessels / "imagesTr" / "vessels_000_0000.nii.gz", np.float32)
     truth, _ = io.read_image(vessels / "labelsTr" / "vessels_000.nii.gz")
     labels = np.where(np.random.default_rng(0).random(SHAPE) < 0.3, 2, truth).astype(np.uint8)
-    folder = paths.labelset_dir(981, "pseudo")
-    io.write_image(labels, geometry, folder / "vessels_000.nii.gz")
+    # made as a producer makes it: label map, then labelset.json and report.json
+    labelset = LabelSet.of(981, "pseudo")
+    io.write_image(labels, geometry, labelset.label_path("vessels_000"))
+    writer = LabelSetWriter(
+        labelset, {"made_by": "test", "labels": {"background": 0, "vessel": 1}, "ignore": 2, "settings": {}}
+    )
+    writer.add_case("vessels_000", {})
     client = client_for(981)
     assert client.get("/api/dataset", headers=HEADERS).json()["labelsets"] == ["pseudo"]
     _, depth = maximum_intensity_projection(volume, 1)

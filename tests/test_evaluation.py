@@ -14,7 +14,7 @@ from mipseg import io
 from mipseg.cli.evaluate import app
 from mipseg.errors import InputError
 from mipseg.evaluation.evaluate import evaluate_folders
-from mipseg.evaluation.metrics import (
+from mipseg.metrics import (
     assd,
     cldice,
     compute_metrics,
@@ -141,7 +141,7 @@ def test_surface_distances_equal_distance_transform_on_random_masks():
     # Independent reference: distance_transform_edt of the inverted surface, read at the other surface.
     from scipy import ndimage
 
-    from mipseg.evaluation.metrics import surface
+    from mipseg.metrics import surface
 
     rng = np.random.default_rng(0)
     reference = ndimage.binary_opening(rng.random((12, 16, 20)) > 0.6)

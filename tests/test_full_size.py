@@ -153,7 +153,7 @@ def test_predict_cli_engine_flags_give_the_same_segmentation(data_roots, tmp_pat
 
 
 def test_default_augmentation_workers_follow_the_device() -> None:
-    from mipseg.training.trainer import default_num_workers
+    from mipseg.training.loop import default_num_workers
 
     assert default_num_workers(torch.device("cuda"), cpu_count=16) == 12  # nnU-Net's 12 DA processes
     assert default_num_workers(torch.device("cuda"), cpu_count=4) == 4  # never more than the CPUs

@@ -103,13 +103,14 @@ def test_loss_decreases_on_a_fixed_batch() -> None:
 
 
 def test_pseudo_dice_counts_only_labelled_voxels_and_poly_lr() -> None:
-    from mipseg.training.trainer import confusion_counts, dice_from_counts, poly_lr
+    from mipseg.metrics import dice_from_counts
+    from mipseg.training.loop import confusion_counts, poly_lr
 
     logits = torch.zeros(1, 2, 1, 1, 4)
     logits[0, 1, 0, 0, :2] = 1.0  # predicts vessel on voxels 0 and 1
     target = torch.tensor([1, IGNORE, 0, 1]).view(1, 1, 1, 1, 4)
     counts = confusion_counts(logits, target, num_classes=2, ignore_label=IGNORE)
     assert counts.tolist() == [[1, 0, 1]]  # voxel 1 is ignored, so its vessel prediction is no FP
-    assert dice_from_counts(counts) == [2 / 3]
-    assert np.isnan(dice_from_counts(np.zeros((1, 3), dtype=np.int64))[0])
+    assert dice_from_counts(*counts.T).tolist() == [2 / 3]
+    assert np.isnan(dice_from_counts(*np.zeros((1, 3), dtype=np.int64).T)[0])
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)

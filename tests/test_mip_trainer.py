@@ -13,6 +13,7 @@ from mipseg import io
 from mipseg.errors import InputError
 from mipseg.training import data as data_module
 from mipseg.training.checkpoint import load_checkpoint
+from mipseg.training.loop import TrainingConfig, to_device
 from mipseg.training.losses import PartialDiceCELoss
 from mipseg.training.mip_branch import MipTrainingNetwork, build_mip_network
 from mipseg.training.mip_data import compute_mip_targets, ray_channels
@@ -25,7 +26,6 @@ from mipseg.training.mip_losses import (
 )
 from mipseg.training.network import build_network
 from mipseg.training.train_api import train_fold
-from mipseg.training.trainer import TrainingConfig, to_device
 
 IGNORE = 2
 
@@ -167,7 +167,7 @@ def test_mip_trainer_checkpoint_loads_into_plain_network_and_resumes(data_roots)
     torch.set_num_threads(1)
     name = _tiny_mip_dataset(data_roots)
     config = TrainingConfig(epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, device="cpu")
-    fold_dir = train_fold(name, 0, trainer="auto", config=config, progress=False)  # auto -> mip
+    fold_dir = train_fold(name, 0, trainer="auto", config=config, show_progress=False)  # auto -> mip
     assert fold_dir.parent.name.startswith("mip__pseudo")
     checkpoint = load_checkpoint(fold_dir / "checkpoint_final.pt")
     assert checkpoint["trainer"] == "mip" and checkpoint["mip_settings"] == MipSettings().to_json()
@@ -183,8 +183,8 @@ def test_mip_trainer_checkpoint_loads_into_plain_network_and_resumes(data_roots)
         0,
         trainer="mip",
         config=TrainingConfig(epochs=2, iters_per_epoch=2, val_iters=1, num_workers=0, device="cpu"),
-        continue_training=True,
-        progress=False,
+        resume=True,
+        show_progress=False,
     )
     again = load_checkpoint(resumed / "checkpoint_final.pt")
     assert again["epoch"] == 2
@@ -227,7 +227,7 @@ def test_loss_without_mip_channels_is_the_plain_loss():
 
 
 def test_auto_picks_mip_only_when_every_case_has_its_mip_annotation(data_roots):
-    from mipseg.training.trainers import resolve_trainer_name
+    from mipseg.training.trainer_registry import resolve_trainer_name
 
     name = write_tiny_dataset(data_roots, num_cases=2)  # annotation "mip" but no PNGs
     assert resolve_trainer_name(name, "auto") == "plain"
@@ -239,7 +239,7 @@ def test_auto_picks_mip_only_when_every_case_has_its_mip_annotation(data_roots):
     assert resolve_trainer_name(name, "auto") == "mip"
     assert resolve_trainer_name(name, "plain") == "plain"
     with pytest.raises(InputError, match="--mip-projection"):
-        train_fold(name, 0, trainer="mip", mip_settings=MipSettings(projection="mean"), progress=False)
+        train_fold(name, 0, trainer="mip", mip_settings=MipSettings(projection="mean"), show_progress=False)
 
 
 def test_two_mip_axes_train_one_branch_each():

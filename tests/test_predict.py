@@ -14,15 +14,15 @@ from mipseg import io, paths
 from mipseg.cli.predict import expand_multi_value_options, main
 from mipseg.errors import InputError
 from mipseg.inference.export import remove_small_components, smallest_component_size
-from mipseg.inference.predict_api import discover_cases, predict_folder, select_part
+from mipseg.inference.predict_api import PredictionSettings, discover_cases, predict_folder, select_part
 from mipseg.inference.predictor import Predictor, resolve_model_dir
-from mipseg.inference.sliding_window import (
+from mipseg.planning.plans import NetworkTopology, Plans
+from mipseg.sliding_window import (
     compute_steps,
     gaussian_importance_map,
     mirror_combinations,
     sliding_window_logits,
 )
-from mipseg.planning.plans import NetworkTopology, Plans
 from mipseg.training.checkpoint import save_checkpoint
 from mipseg.training.network import build_network
 
@@ -286,7 +286,9 @@ def test_num_parts_over_two_calls_and_continue(data_roots, tmp_path: Path) -> No
     (out / "case2.nii.gz").unlink()
     stale = out / ".case3.partial-deadbeef.nii.gz"  # what a killed writer would leave behind
     stale.write_bytes(b"half")
-    outputs = predict_folder(tmp_path / "in", out, 990, continue_=True, tta=False, progress=False)
+    outputs = predict_folder(
+        tmp_path / "in", out, 990, settings=PredictionSettings(tta=False), resume=True, show_progress=False
+    )
     assert len(outputs) == 5
     assert (out / "case2.nii.gz").is_file() and not stale.exists()
     for name, mtime in mtimes.items():
@@ -316,7 +318,7 @@ def test_model_selection_errors(data_roots, tmp_path: Path) -> None:
     write_case(tmp_path / "in", "case0")
     (data_roots["results"] / DATASET).mkdir()
     with pytest.raises(InputError, match="no trained model"):
-        predict_folder(tmp_path / "in", tmp_path / "out", 990, progress=False)
+        predict_folder(tmp_path / "in", tmp_path / "out", 990, show_progress=False)
     make_model(folds=(0,), labelset="pseudo")
     make_model(folds=(0,), labelset="dense")
     with pytest.raises(InputError, match="several label sets"):
@@ -324,7 +326,13 @@ def test_model_selection_errors(data_roots, tmp_path: Path) -> None:
     make_model(folds=(0,), trainer="mip", labelset="pseudo")  # dataset.json says annotation "mip"
     assert resolve_model_dir(990).name == "mip__pseudo__3d_fullres"
     with pytest.raises(InputError, match="fold_3"):
-        predict_folder(tmp_path / "in", tmp_path / "out", 990, folds=[3], trainer="plain", labels="dense")
+        predict_folder(
+            tmp_path / "in",
+            tmp_path / "out",
+            990,
+            labels="dense",
+            settings=PredictionSettings(folds=(3,), trainer="plain"),
+        )
 
 
 # ----------------------------------------------------------------------------- postprocessing, CLI
@@ -346,9 +354,13 @@ def test_postprocess_flag_removes_small_components(data_roots, tmp_path: Path) -
     make_model(folds=(0,))
     write_case(tmp_path / "in", "case0")
     plain, cleaned = tmp_path / "plain", tmp_path / "cleaned"
-    predict_folder(tmp_path / "in", plain, 990, tta=False, progress=False)
+    predict_folder(tmp_path / "in", plain, 990, settings=PredictionSettings(tta=False), show_progress=False)
     predict_folder(
-        tmp_path / "in", cleaned, 990, tta=False, progress=False, postprocess=True, min_component_size=50
+        tmp_path / "in",
+        cleaned,
+        990,
+        settings=PredictionSettings(tta=False, postprocess=True, min_component_size=50),
+        show_progress=False,
     )
     before = io.read_image(plain / "case0.nii.gz")[0]
     after = io.read_image(cleaned / "case0.nii.gz")[0]
@@ -390,7 +402,9 @@ def test_next_case_is_preprocessed_while_the_current_one_is_predicted(
 
     monkeypatch.setattr(predict_api, "_load_and_preprocess", recorded_load)
     monkeypatch.setattr(Predictor, "predict_preprocessed", slow_predict)
-    predict_folder(tmp_path / "in", tmp_path / "out", 990, tta=False, progress=False)
+    predict_folder(
+        tmp_path / "in", tmp_path / "out", 990, settings=PredictionSettings(tta=False), show_progress=False
+    )
     loads = {case: t for kind, case, t in events if kind == "load"}
     predicted = [t for kind, _, t in events if kind == "predicted"]
     assert loads["case1"] < predicted[0] and loads["case2"] < predicted[1]

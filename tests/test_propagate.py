@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from mipseg import io, paths
+from mipseg.metrics import dice
 from mipseg.propagation import train_flow
 from mipseg.propagation.baselines import copy_transport, demons_flow, registration_transport
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume
@@ -67,10 +68,6 @@ def translating_organ(depth: int = 24, size: int = 48, shift=(0.75, -0.5), seed:
     forward = np.zeros((depth, 2, size, size), np.float32)
     forward[:, 0], forward[:, 1] = -shift[0], -shift[1]
     return image, label, torch.from_numpy(forward), torch.from_numpy(-forward)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / float(a.sum() + b.sum())
 
 
 # --- warping conventions -----------------------------------------------------------------------
@@ -316,7 +313,7 @@ def test_interrupted_training_resumes_to_the_same_weights(organ_dataset, monkeyp
     assert torch.load(folder / "checkpoint_latest.pt", weights_only=False)["iteration"] == 2
     monkeypatch.setattr(train_flow, "training_step_loss", step)
     resumed = torch.load(
-        train_flow.train_flow_model(dataset, settings, continue_training=True, show_progress=False),
+        train_flow.train_flow_model(dataset, settings, resume=True, show_progress=False),
         weights_only=False,
     )
     for name, weights in straight["network_weights"].items():
@@ -354,14 +351,15 @@ def test_interrupted_propagation_resumes_with_the_remaining_cases(organ_dataset,
     with pytest.raises(KeyboardInterrupt):
         propagate_dataset(organ_dataset, name="copied", settings=settings, show_progress=False)
     folder = paths.labelset_dir(organ_dataset, "copied")
-    assert [entry["case"] for entry in io.read_json(folder / "report.json")["cases"]] == ["organs_000"]
+    assert list(io.read_json(folder / "report.json")["cases"]) == ["organs_000"]
 
     calls.clear()
     propagate_dataset(organ_dataset, name="copied", settings=settings, resume=True, show_progress=False)
     assert calls == ["organs_001"]  # the finished case is kept, not propagated again
     report = io.read_json(folder / "report.json")
-    assert [entry["case"] for entry in report["cases"]] == ["organs_000", "organs_001"]
-    assert (folder / "organs_001.nii.gz").is_file() and report["mean_dice"]["1"] > 0.3
+    assert list(report["cases"]) == ["organs_000", "organs_001"]
+    organ_dice = report["summary"]["agreement_mean"]["organ"]["dice"]
+    assert (folder / "organs_001.nii.gz").is_file() and organ_dice > 0.3
 
     with pytest.raises(InputError, match="other settings"):
         propagate_dataset(
@@ -405,7 +403,7 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
             assert settings["refinement"]["coarse_iterations"] == 5 and settings["symmetric_flows"]
         report = json.loads((folder / "report.json").read_text())
         assert report["method"] == method and len(report["cases"]) == 2
-        assert report["mean_dice"]["1"] > 0.6, report["mean_dice"]
+        assert report["summary"]["agreement_mean"]["organ"]["dice"] > 0.6, report["summary"]
         labels, geometry = io.read_image(folder / "organs_000.nii.gz")
         assert labels.shape == (16, 32, 32) and geometry.spacing_zyx == (3.0, 1.0, 1.0)
         assert set(np.unique(labels)) <= {0, 1, 2}

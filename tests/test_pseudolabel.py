@@ -228,7 +228,7 @@ def test_stage_writes_a_label_set_that_round_trips(data_roots: dict[str, Path]) 
         assert np.array_equal(seed_map == 1, seeds) and set(np.unique(seed_map).tolist()) == {1, 2}
         entry = report["cases"][case.case_id]
         assert entry["counts"] == counts
-        assert entry["agreement"]["precision"] >= 0.95
+        assert entry["agreement"]["vessel"]["precision"] >= 0.95
         for axis in (0, 1):
             rgb = _read_rgb(folder / "qc" / f"{case.case_id}_mip{axis}.png")
             assert rgb.shape == (*annotations[axis].shape, 3)
@@ -346,7 +346,7 @@ def test_synthetic_vessel_dataset_end_to_end(data_roots: dict[str, Path]) -> Non
     folder = make_pseudo_labels(902, show_progress=False, num_processes=2)
     summary = io.read_json(folder / "report.json")["summary"]
     assert summary["num_cases_scored"] == 2
-    assert summary["agreement_mean"]["precision"] >= 0.95, summary
-    assert summary["agreement_mean"]["background_error"] < 0.03, summary
+    assert summary["agreement_mean"]["vessel"]["precision"] >= 0.95, summary
+    assert summary["agreement_mean"]["vessel"]["background_error"] < 0.03, summary
     for case_id in ("vessels_000", "vessels_001"):
         assert (folder / f"{case_id}.nii.gz").is_file() and (folder / "qc" / f"{case_id}_mip0.png").is_file()

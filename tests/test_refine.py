@@ -11,11 +11,11 @@ from _training_helpers import tiny_plans, write_tiny_dataset
 from scipy import ndimage
 from typer.testing import CliRunner
 
-from mipseg import io
+from mipseg import io, labelset
 from mipseg.cli.refine import app
 from mipseg.errors import InputError
-from mipseg.training import refine
-from mipseg.training.refine_api import RefineSettings, refine_labelset
+from mipseg.refine import rules as refine
+from mipseg.refine.refine_api import RefineSettings, refine_labelset
 
 torch.set_num_threads(1)
 IGNORE = 2
@@ -132,13 +132,13 @@ def test_merge_cleans_labelled_adds_unlabelled_conflicts_become_ignore_seeds_sta
     counts = refine.change_counts(labels, merged, IGNORE, [0, 1])
     assert counts["flipped"] == {"0->1": 1, "1->0": 0}
     assert counts["added"] == {"0": 1, "1": 1} and counts["removed"] == {"0": 0, "1": 0}
-    agreement = refine.set_agreement(merged, np.array([1, 1, 1, 1, 0, 0, 0, 1]), [0, 1])
-    assert agreement["1"]["precision"] == 1.0 and agreement["1"]["recall"] == pytest.approx(4 / 5)
+    agreement = labelset.agreement(merged, np.array([1, 1, 1, 1, 0, 0, 0, 1]), {"background": 0, "vessel": 1})
+    assert agreement["vessel"]["precision"] == 1.0 and agreement["vessel"]["recall"] == pytest.approx(4 / 5)
 
 
 def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     resampling = {"data_order": 3, "data_order_z": 0, "seg_order": 1, "seg_order_z": 0}
     resampling.update(probabilities_order=1, probabilities_order_z=0, separate_z_anisotropy_threshold=3.0)
@@ -151,7 +151,7 @@ def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
         epochs=1, iters_per_epoch=2, val_iters=1, num_workers=0, device="cpu", dropout=dropout
     )
     for fold in (0, 1):
-        train_fold(name, fold, config=config, progress=False)
+        train_fold(name, fold, config=config, show_progress=False)
     return name
 
 
@@ -175,23 +175,23 @@ def test_stage_writes_a_valid_label_set_report_and_resumes(data_roots) -> None:
         if new_foreground.any():
             assert ndimage.distance_transform_edt(before != 1)[new_foreground].max() <= 4.0
         assert entry["fold"] == (0 if case_id in ("case_000", "case_001") else 1)
-        assert set(entry["agreement"]["after"]) == {"background", "vessel"}
+        assert set(entry["agreement"]) == {"background", "vessel"}
     description = io.read_json(folder / "labelset.json")
-    assert description["source_labelset"] == "pseudo" and description["ignore"] == IGNORE
+    assert description["made_from"]["labelset"] == "pseudo" and description["ignore"] == IGNORE
     # --continue keeps finished cases (their files are not rewritten)
     stamp = (folder / "case_000.nii.gz").stat().st_mtime_ns
     refine_labelset(name, settings=settings, device="cpu", resume=True, show_progress=False)
     assert (folder / "case_000.nii.gz").stat().st_mtime_ns == stamp
     # the refined set preprocesses and trains (fine-tuning from the fold's model); in-process here
     from mipseg.planning.preprocessing import preprocess_labelset
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     preprocess_labelset(name, "refined", num_processes=1)
 
     init = data_roots["results"] / name / "plain__pseudo__3d_fullres" / "fold_0" / "checkpoint_final.pt"
     config = TrainingConfig(epochs=1, iters_per_epoch=1, val_iters=1, num_workers=0, device="cpu")
-    fold_dir = train_fold(name, 0, labels="refined", config=config, init_from=init, progress=False)
+    fold_dir = train_fold(name, 0, labels="refined", config=config, init_from=init, show_progress=False)
     assert (fold_dir / "checkpoint_final.pt").is_file()
     # refining again invalidates the preprocessed copies the fine-tuning made; a fold model without
     # dropout gives a warning (recorded in the report), not an error
@@ -219,7 +219,7 @@ def test_missing_fold_model_and_bad_settings_are_input_errors(data_roots) -> Non
 
 
 def test_probabilities_go_back_to_the_raw_grid_with_and_without_resampling() -> None:
-    from mipseg.training.refine_api import to_raw_grid
+    from mipseg.planning.preprocessing import revert_preprocessing
 
     resampling = {"data_order": 3, "data_order_z": 0, "seg_order": 1, "seg_order_z": 0}
     resampling.update(probabilities_order=1, probabilities_order_z=0, separate_z_anisotropy_threshold=3.0)
@@ -232,12 +232,12 @@ def test_probabilities_go_back_to_the_raw_grid_with_and_without_resampling() -> 
     }
     foreground = np.zeros((8, 10, 10), dtype=np.float32)
     foreground[2:6, 3:7, 3:7] = 1
-    raw = to_raw_grid(np.stack([1 - foreground, foreground]), properties, plans)
+    raw = revert_preprocessing(np.stack([1 - foreground, foreground]), properties, plans)
     assert raw.shape == (2, 20, 24, 24)
     assert raw[0, :2].min() == 1 and raw[1, :, :, :4].max() == 0  # outside the crop box: background
     assert raw[1, 2 + 8, 2 + 10, 4 + 10] > 0.9 and np.allclose(raw.sum(0), 1, atol=1e-4)
     same = dataclasses.replace(plans, spacing=[1.0, 1.0, 1.0])
-    pasted = to_raw_grid(
+    pasted = revert_preprocessing(
         np.stack([1 - foreground, foreground]),
         {**properties, "shape_after_cropping": [8, 10, 10], "bbox": [[0, 8], [0, 10], [0, 10]]},
         same,

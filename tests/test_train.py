@@ -19,9 +19,9 @@ from mipseg.cli.train import app
 from mipseg.errors import InputError
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import fold_inputs, train_api
+from mipseg.training.loop import TrainingConfig
 from mipseg.training.network import build_network
 from mipseg.training.train_api import train_fold
-from mipseg.training.trainer import TrainingConfig
 
 torch.set_num_threads(1)
 
@@ -34,7 +34,7 @@ def _config(**overrides) -> TrainingConfig:
 
 def test_training_writes_checkpoints_log_and_out_of_fold_probabilities(data_roots) -> None:
     name = write_tiny_dataset(data_roots, seeds=True)
-    fold_dir = train_fold(name, 0, config=_config(), progress=False)
+    fold_dir = train_fold(name, 0, config=_config(), show_progress=False)
     assert fold_dir == data_roots["results"] / name / "plain__pseudo__3d_fullres" / "fold_0"
     assert (fold_dir.parent / "plans.json").is_file() and (fold_dir.parent / "dataset.json").is_file()
     assert {p.name for p in fold_dir.glob("checkpoint_*.pt")} == {"checkpoint_best.pt", "checkpoint_final.pt"}
@@ -66,7 +66,7 @@ def test_same_seed_gives_the_same_weights(data_roots) -> None:
     weights = []
     for labels in ("pseudo", "pseudo"):
         fold_dir = train_fold(
-            name, "all", labels=labels, config=_config(epochs=1, val_iters=0), progress=False
+            name, "all", labels=labels, config=_config(epochs=1, val_iters=0), show_progress=False
         )
         weights.append(ckpt.load_checkpoint(fold_dir / "checkpoint_final.pt")["network_weights"])
         shutil.rmtree(fold_dir)
@@ -88,7 +88,7 @@ def test_interrupted_run_resumes_at_the_same_epoch_with_the_same_optimizer_state
 
     monkeypatch.setattr(train_api, "run_epoch", interrupted_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train_fold(name, 0, config=_config(epochs=3, save_every=10), progress=False)
+        train_fold(name, 0, config=_config(epochs=3, save_every=10), show_progress=False)
     fold_dir = data_roots["results"] / name / "plain__pseudo__3d_fullres" / "fold_0"
     latest = ckpt.load_checkpoint(fold_dir / "checkpoint_latest.pt")
     assert latest["epoch"] == 1 and not (fold_dir / "checkpoint_final.pt").exists()
@@ -103,7 +103,7 @@ def test_interrupted_run_resumes_at_the_same_epoch_with_the_same_optimizer_state
         restored["optimizer"] = copy.deepcopy(state.optimizer.state_dict())  # live buffers change later
 
     monkeypatch.setattr(train_api, "restore_state", capture)
-    train_fold(name, 0, config=_config(epochs=None), continue_training=True, progress=False)
+    train_fold(name, 0, config=_config(epochs=None), resume=True, show_progress=False)
     assert restored["epoch"] == 1
     saved = latest["optimizer_state"]["state"]
     assert saved and all(

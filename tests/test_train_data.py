@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mipseg.planning.preprocessing import preprocess_seeds
 from mipseg.training import data as D
 
 IGNORE = 2
@@ -85,7 +86,7 @@ def test_seeds_survive_preprocessing_to_a_coarser_grid() -> None:
     seeds[9, 19, 19] = 1
     seeds[0, 0, 0] = 1  # outside the crop box
     properties = {"bbox": [[1, 10], [0, 20], [0, 20]], "shape_after_resampling": [9, 10, 10]}
-    out = D.preprocess_seeds(seeds, properties, IGNORE)
+    out = preprocess_seeds(seeds, properties, IGNORE)
     assert out.shape == (1, 9, 10, 10)
     assert sorted(map(tuple, np.argwhere(out[0] == 1))) == [(2, 2, 2), (8, 9, 9)]
     assert (out == IGNORE).sum() == 9 * 10 * 10 - 2

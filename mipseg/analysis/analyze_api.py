@@ -4,7 +4,7 @@ Per case (a label map from ``mipseg_predict`` or any mask SimpleITK reads) it wr
 ``{case}_branches.csv``, ``{case}_centreline.nii.gz``, ``{case}.stl``, ``{case}_qc.png`` and,
 last, ``{case}_graph.json``, each atomically; the folder gets ``summary.csv`` and
 ``summary.json``. A case whose graph.json exists with the other files is finished, which is
-what ``continue_`` skips. Bad cases are listed at the end; the others are still analysed.
+what ``resume`` skips. Bad cases are listed at the end; the others are still analysed.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def analyze_folder(
     spur_factor: float = DEFAULT_SPUR_FACTOR,
     mesh: bool = True,
     qc_axis: int = 0,
-    continue_: bool = False,
+    resume: bool = False,
     num_processes: int = 1,
 ) -> dict[str, Any]:
     """Analyse every mask of ``input_path`` (a folder or one file) into ``output_dir``.
@@ -203,7 +203,7 @@ def analyze_folder(
         Write ``{case}.stl``.
     qc_axis
         Projection axis of the QC picture (numpy axis, 0 = z).
-    continue_
+    resume
         Skip cases whose outputs all exist.
     num_processes
         Cases analysed at once (each holds its volume, distance map and skeleton in memory).
@@ -232,7 +232,7 @@ def analyze_folder(
         raise InputError(f"{output_dir}: the output folder must differ from the input folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(output_dir, [case_id for case_id, _ in cases])
-    todo = [(c, p) for c, p in cases if not (continue_ and case_is_done(output_dir, c, mesh))]
+    todo = [(c, p) for c, p in cases if not (resume and case_is_done(output_dir, c, mesh))]
     tasks = [(str(p), str(output_dir), c, label, spur_factor, mesh, qc_axis) for c, p in todo]
     results = dict(
         zip([c for c, _ in todo], map_with_progress(_analyze_job, tasks, num_processes, "analysing"))

@@ -27,8 +27,9 @@ from __future__ import annotations
 import numpy as np
 from skimage.filters import threshold_otsu
 
-from mipseg import io, paths
+from mipseg import io
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet
 
 PROJECTION_RULES = ("brightest", "any")
 
@@ -114,15 +115,12 @@ def expected_changes(probabilities: np.ndarray) -> float:
 
 
 def labelset_names(dataset_name: str, case_ids: list[str]) -> list[str]:
-    """Label sets under ``preprocessed/{dataset}/labelsets`` holding at least one training case."""
-    root = paths.preprocessed_dataset_dir(dataset_name) / "labelsets"
-    if not root.is_dir():
-        return []
-    return sorted(
-        folder.name
-        for folder in root.iterdir()
-        if folder.is_dir() and any((folder / f"{case}.nii.gz").is_file() for case in case_ids)
-    )
+    """Label sets of the dataset (:meth:`LabelSet.all_of`) holding at least one training case."""
+    return [
+        labelset.name
+        for labelset in LabelSet.all_of(dataset_name)
+        if any(labelset.label_path(case).is_file() for case in case_ids)
+    ]
 
 
 def read_labelset_case(dataset_name: str, name: str, case_id: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -133,7 +131,7 @@ def read_labelset_case(dataset_name: str, name: str, case_id: str, shape: tuple[
     InputError
         The case is not in the label set, or its grid is not the image's.
     """
-    path = paths.labelset_dir(dataset_name, name) / f"{case_id}.nii.gz"
+    path = LabelSet.of(dataset_name, name).label_path(case_id)
     if not path.is_file():
         raise InputError(f"{path}: label set {name!r} has no map of case {case_id}")
     labels, _ = io.read_image(path)

@@ -61,7 +61,7 @@ def analyze(
             spur_factor=spur_factor,
             mesh=not no_mesh,
             qc_axis=qc_axis,
-            continue_=continue_,
+            resume=continue_,
             num_processes=num_processes,
         )
     for line in summary_lines(summary):

@@ -62,7 +62,7 @@ def predict(
             "--postprocess. With --postprocess and no value: learned from the folds.",
         ),
     ] = None,
-    continue_: Annotated[
+    resume: Annotated[
         bool, typer.Option("--continue", help="Skip cases whose outputs already exist.")
     ] = False,
     num_parts: Annotated[int, typer.Option("--num-parts", help="Split the cases into this many parts.")] = 1,
@@ -88,15 +88,11 @@ def predict(
 
     Unreadable cases are listed at the end (exit 2); the others are still predicted.
     """
-    from mipseg.inference.predict_api import predict_folder
+    from mipseg.inference.predict_api import PredictionSettings, predict_folder
 
     with reported_errors(debug):
-        written = predict_folder(
-            inputs[0] if len(inputs) == 1 else inputs,
-            output,
-            dataset,
-            folds=folds or None,
-            labels=labels,
+        settings = PredictionSettings(
+            folds=tuple(folds) if folds else None,
             trainer=trainer,
             checkpoint=checkpoint,
             step_size=step_size,
@@ -105,13 +101,20 @@ def predict(
             save_probabilities=save_probabilities,
             postprocess=postprocess,
             min_component_size=min_component_size,
-            continue_=continue_,
+            engine=engine,
+            precision=precision,
+        )
+        written = predict_folder(
+            inputs[0] if len(inputs) == 1 else inputs,
+            output,
+            dataset,
+            labels=labels,
+            settings=settings,
+            resume=resume,
             num_parts=num_parts,
             part_id=part_id,
             device=device,
-            engine=engine,
-            precision=precision,
-            progress=not no_progress,
+            show_progress=not no_progress,
         )
     console.print(f"{len(written)} segmentation(s) in {output}", highlight=False)
 

@@ -35,7 +35,7 @@ def propagate(
     similarity: Annotated[
         str, typer.Option("--similarity", help="Reconstruction similarity: mse or ncc.")
     ] = "mse",
-    continue_training: Annotated[
+    resume: Annotated[
         bool,
         typer.Option(
             "--continue",
@@ -86,7 +86,7 @@ def propagate(
     debug: DebugOption = False,
 ) -> None:
     """Train flows if needed, then propagate every annotated case (or suggest slices)."""
-    from mipseg import io
+    from mipseg.labelset import LabelSet
     from mipseg.propagation.instance_optimization import InstanceOptimization
     from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset, suggest_slices
     from mipseg.propagation.train_flow import FlowTrainingSettings
@@ -94,7 +94,7 @@ def propagate(
     with reported_errors(debug):
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
         if suggest:
-            path = suggest_slices(dataset, flow_settings, continue_training=continue_training, device=device)
+            path = suggest_slices(dataset, flow_settings, resume=resume, device=device)
             Console(soft_wrap=True).print(f"suggestions written to {path}")
             return
         refinement = InstanceOptimization(
@@ -116,19 +116,22 @@ def propagate(
             name=name,
             settings=settings,
             flow_settings=flow_settings,
-            continue_training=continue_training,
-            resume=continue_training,
+            resume=resume,
             device=device,
         )
-        report = io.read_json(folder / "report.json")
-        label_values = io.read_json(folder / "labelset.json")["labels"]
-        names = {str(value): label for label, value in label_values.items()}
+        report = LabelSet.of(dataset, name).read_report()
     console = Console(soft_wrap=True)  # paths stay on one line, whole, for copying
     console.print(f"label set written to {folder} ({len(report['cases'])} cases)")
     if report["unannotated_cases"]:
         console.print(f"no annotation, not propagated: {', '.join(report['unannotated_cases'])}")
-    if report["mean_dice"]:
-        dice = ", ".join(f"{names.get(key, key)} {value:.3f}" for key, value in report["mean_dice"].items())
+    means = report["summary"].get("agreement_mean", {})
+    foreground = {
+        label: scores["dice"]
+        for label, scores in means.items()
+        if label != "background" and scores["dice"] is not None
+    }
+    if foreground:
+        dice = ", ".join(f"{label} {value:.3f}" for label, value in foreground.items())
         console.print(f"mean Dice against labelsTr: {dice}")
 
 

@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOption, make_app, reported_errors
-from mipseg.training import refine as rules
+from mipseg.refine import rules
 
 app = make_app(
     "Refine a label set with the out-of-fold models of mipseg_train (Guo et al. 2024): confident learning "
@@ -71,7 +71,7 @@ def refine(
     debug: DebugOption = False,
 ) -> None:
     """Refine label set --labels of dataset -d into label set --name."""
-    from mipseg.training.refine_api import RefineSettings, refine_labelset
+    from mipseg.refine.refine_api import RefineSettings, refine_labelset
 
     with reported_errors(debug):
         settings = RefineSettings(

@@ -90,9 +90,9 @@ def train(
     debug: DebugOption = False,
 ) -> None:
     """Train fold -f of dataset -d on label set --labels."""
+    from mipseg.training.loop import TrainingConfig
     from mipseg.training.mip_losses import MipSettings
     from mipseg.training.train_api import train_fold
-    from mipseg.training.trainer import TrainingConfig
 
     with reported_errors(debug):
         config = TrainingConfig(
@@ -113,7 +113,7 @@ def train(
             labels=labels,
             trainer=trainer,
             config=config,
-            continue_training=resume,
+            resume=resume,
             init_from=init_from,
             mip_settings=MipSettings(mip_3d_weight, mip_2d_weight, mip_branch, mip_projection),
         )

@@ -1,6 +1,6 @@
-"""Evaluation: segmentation metrics (metrics.py) and folder evaluation to summary.json (evaluate.py)."""
+"""Evaluation: folder evaluation to summary.json (evaluate.py); the metrics are :mod:`mipseg.metrics`."""
 
 from mipseg.evaluation.evaluate import evaluate_folders
-from mipseg.evaluation.metrics import compute_metrics
+from mipseg.metrics import compute_metrics
 
 __all__ = ["compute_metrics", "evaluate_folders"]

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mipseg import io
 from mipseg.errors import InputError
-from mipseg.evaluation.metrics import absent_label_metrics, compute_metrics
+from mipseg.metrics import absent_label_metrics, compute_metrics
+from mipseg.progress import progress_bar
 
 SUMMARY_NAME = "summary.json"
 _console = Console(stderr=True)
@@ -288,15 +288,7 @@ def _evaluate_job(job: tuple) -> dict[str, Any]:
 
 
 def _with_progress(results: Iterable[dict[str, Any]], total: int, show: bool) -> Iterator[dict[str, Any]]:
-    with Progress(
-        TextColumn("evaluating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=_console,
-        disable=not show,
-        transient=True,
-    ) as progress:
+    with progress_bar(show, transient=True) as progress:
         task = progress.add_task("evaluating", total=total)
         for result in results:
             progress.advance(task)

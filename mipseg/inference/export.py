@@ -17,6 +17,8 @@ from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_si
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet
+from mipseg.metrics import dice_from_counts
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import revert_class_probabilities
 
@@ -201,7 +203,9 @@ def min_size_from_validation(
             counts[value] = counts.get(value, 0) + np.stack([tp_left, fp_left, fn])
     if not counts:
         return int(candidates[0]), {int(c): float("nan") for c in candidates}
-    dice_per_label = [2 * tp / np.maximum(2 * tp + fp + fn, 1) for tp, fp, fn in counts.values()]
+    # A label empty on both sides at some candidate counts 0 (not NaN): the mean over labels must
+    # stay defined for every candidate to rank them.
+    dice_per_label = [np.nan_to_num(dice_from_counts(tp, fp, fn), nan=0.0) for tp, fp, fn in counts.values()]
     mean_dice = np.mean(dice_per_label, axis=0)
     return int(candidates[int(np.argmax(mean_dice))]), {
         int(c): float(d) for c, d in zip(candidates, mean_dice)
@@ -212,7 +216,7 @@ def _validation_cases(
     model_dir: Path, dataset: str | int, labelset: str, labels: Mapping[str, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Argmax of every ``fold_*/validation/{case}.npz`` with its preprocessed label-set reference."""
-    reference_dir = paths.preprocessed_dataset_dir(dataset) / "data" / "labelsets" / labelset
+    reference_dir = LabelSet.of(dataset, labelset).preprocessed_folder
     cases = []
     for npz_path in sorted(model_dir.glob("fold_*/validation/*.npz")):
         reference_path = reference_dir / f"{npz_path.stem}.npy"
@@ -269,7 +273,7 @@ def learned_min_component_size(
     folder = (
         paths.raw_dataset_dir(dataset) / "labelsTr"
         if labelset == "dense"
-        else paths.labelset_dir(dataset, labelset)
+        else LabelSet.of(dataset, labelset).folder
     )
     files = sorted(folder.glob(f"*{SEGMENTATION_ENDING}")) if folder.is_dir() else []
     smallest = smallest_component_size((io.read_image(f)[0] for f in files), ignore_label) if files else None

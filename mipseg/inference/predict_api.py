@@ -23,9 +23,9 @@ from mipseg import io
 from mipseg.errors import InputError
 from mipseg.inference import export
 from mipseg.inference.predictor import Predictor, resolve_model_dir
-from mipseg.planning.parallel import progress_bar
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import preprocess_case
+from mipseg.progress import progress_bar
 
 MAX_PENDING_EXPORTS = 2  # finished cases waiting to be written; bounds memory like nnU-Net's export queue
 
@@ -157,28 +157,54 @@ def _remove_stale_partials(output_dir: Path, cases: Sequence[InputCase]) -> None
             path.unlink(missing_ok=True)
 
 
+@dataclass(frozen=True)
+class PredictionSettings:
+    """Which model and how to predict; the defaults are ``mipseg_predict``'s.
+
+    ``folds``, ``trainer``, ``checkpoint``: which model (see
+    :func:`mipseg.inference.predictor.resolve_model_dir` and
+    :func:`~mipseg.inference.predictor.find_folds` for the defaults of ``None``); ``step_size``,
+    ``tta``, ``batch_size``: sliding-window step (fraction of the patch), mirroring, tiles per batch;
+    ``save_probabilities``: also write ``{case}.npz`` (key ``probabilities``, float16 ``(K, Z, Y, X)``);
+    ``postprocess``, ``min_component_size``: remove components smaller than ``min_component_size``
+    voxels (learned from the folds when ``None``); ``engine``, ``precision``: what runs the network
+    on CPU and in which precision (see :mod:`mipseg.inference.engines`).
+    """
+
+    folds: tuple[str | int, ...] | None = None
+    trainer: str | None = None
+    checkpoint: str = "final"
+    step_size: float = 0.5
+    tta: bool = True
+    batch_size: int | None = None
+    save_probabilities: bool = False
+    postprocess: bool = False
+    min_component_size: int | None = None
+    engine: str = "auto"
+    precision: str = "float32"
+
+    def problems(self) -> list[str]:
+        """One line per invalid setting."""
+        found = []
+        if not 0 < self.step_size <= 1:
+            found.append(f"--step-size {self.step_size}: must be in (0, 1]")
+        if self.batch_size is not None and self.batch_size < 1:
+            found.append(f"--batch-size {self.batch_size}: must be at least 1")
+        return found
+
+
 def predict_folder(
     inputs: str | Path | Sequence[str | Path],
     output: str | Path,
     dataset: str | int,
     *,
-    folds: Sequence[str | int] | None = None,
     labels: str | None = None,
-    trainer: str | None = None,
-    checkpoint: str = "final",
-    step_size: float = 0.5,
-    tta: bool = True,
-    batch_size: int | None = None,
-    save_probabilities: bool = False,
-    postprocess: bool = False,
-    min_component_size: int | None = None,
-    continue_: bool = False,
+    settings: PredictionSettings | None = None,
+    resume: bool = False,
     num_parts: int = 1,
     part_id: int = 0,
     device: str = "auto",
-    progress: bool = True,
-    engine: str = "auto",
-    precision: str = "float32",
+    show_progress: bool = True,
 ) -> list[Path]:
     """Predict every case of ``inputs`` with the fold ensemble of a trained model.
 
@@ -191,26 +217,19 @@ def predict_folder(
         ``plans.json``, ``dataset.json``, ``predict_args.json``.
     dataset
         Dataset id or name whose model to use.
-    folds, labels, trainer, checkpoint
-        Which model: see :func:`mipseg.inference.predictor.resolve_model_dir` and
-        :func:`~mipseg.inference.predictor.find_folds` for the defaults.
-    step_size, tta, batch_size, device
-        Sliding-window step (fraction of the patch), mirroring, tiles per batch, device.
-    engine, precision
-        What runs the network on CPU and in which precision (see :mod:`mipseg.inference.engines`).
-    save_probabilities
-        Also write ``{case}.npz`` (key ``probabilities``, float16 ``(K, Z, Y, X)``).
-    postprocess, min_component_size
-        Remove components smaller than ``min_component_size`` voxels (learned if ``None``).
-    continue_
-        Skip cases whose outputs all exist.
+    labels
+        Label set the model was trained on (``None``: the only one).
+    settings
+        Model choice, sliding window, outputs (:class:`PredictionSettings`; ``None`` = defaults).
+    resume
+        Skip cases whose outputs all exist (``--continue``).
     num_parts, part_id
         Predict only ``sorted(cases)[part_id::num_parts]``.
 
     Returns
     -------
     list of Path
-        Segmentations of this part (predicted now or found finished with ``continue_``).
+        Segmentations of this part (predicted now or found finished with ``resume``).
 
     Raises
     ------
@@ -218,28 +237,28 @@ def predict_folder(
         Bad arguments or no model (before anything is predicted), or, after all other cases
         were written, one line per case that could not be predicted.
     """
-    model_dir = resolve_model_dir(dataset, trainer, labels)
+    settings = settings or PredictionSettings()
+    model_dir = resolve_model_dir(dataset, settings.trainer, labels)
     output_dir = Path(output)
-    if not 0 < step_size <= 1:
-        raise InputError(f"--step-size {step_size}: must be in (0, 1]")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"--batch-size {batch_size}: must be at least 1")
+    if settings.problems():
+        raise InputError(settings.problems())
     predictor = Predictor.from_model_folder(
         model_dir,
-        folds,
-        checkpoint,
-        use_mirroring=tta,
-        tile_step_size=step_size,
-        batch_size=batch_size,
+        settings.folds,
+        settings.checkpoint,
+        use_mirroring=settings.tta,
+        tile_step_size=settings.step_size,
+        batch_size=settings.batch_size,
         device=device,
-        engine=engine,
-        precision=precision,
+        engine=settings.engine,
+        precision=settings.precision,
     )
     spec = predictor.dataset_json
     input_list = [inputs] if isinstance(inputs, str | Path) else list(inputs)
     cases = discover_cases(input_list, len(spec["channel_names"]), spec["file_ending"])
     selected = select_part(cases, num_parts, part_id)
-    if postprocess and min_component_size is None:
+    min_component_size = settings.min_component_size
+    if settings.postprocess and min_component_size is None:
         min_component_size = export.learned_min_component_size(
             model_dir, dataset, model_dir.name.split("__")[1], predictor.plans, predictor.plans.ignore_label
         )
@@ -249,33 +268,33 @@ def predict_folder(
     args = {
         "inputs": [str(p) for p in input_list],
         "dataset": str(dataset),
-        "folds": None if folds is None else [str(f) for f in folds],
+        "folds": None if settings.folds is None else [str(f) for f in settings.folds],
         "labels": labels,
-        "trainer": trainer,
-        "checkpoint": checkpoint,
-        "step_size": step_size,
-        "tta": tta,
-        "batch_size": batch_size,
-        "save_probabilities": save_probabilities,
-        "postprocess": postprocess,
-        "continue": continue_,
+        "trainer": settings.trainer,
+        "checkpoint": settings.checkpoint,
+        "step_size": settings.step_size,
+        "tta": settings.tta,
+        "batch_size": settings.batch_size,
+        "save_probabilities": settings.save_probabilities,
+        "postprocess": settings.postprocess,
+        "continue": resume,
         "num_parts": num_parts,
         "part_id": part_id,
         "device": device,
-        "engine": engine,
-        "precision": precision,
+        "engine": settings.engine,
+        "precision": settings.precision,
     }
     _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
 
     problems = [f"{case.problem}" for case in selected if case.problem]
     todo = [case for case in selected if case.problem is None]
     finished = []
-    if continue_:
-        finished = [c for c in todo if case_is_done(output_dir, c.case_id, save_probabilities)]
+    if resume:
+        finished = [c for c in todo if case_is_done(output_dir, c.case_id, settings.save_probabilities)]
         todo = [c for c in todo if c not in finished]
         finished = [export.segmentation_path(output_dir, c.case_id) for c in finished]
     written = _run_pipeline(
-        todo, output_dir, predictor, save_probabilities, min_component_size, problems, progress
+        todo, output_dir, predictor, settings.save_probabilities, min_component_size, problems, show_progress
     )
     if todo:  # the engine --engine auto chose is known once the first case was seen
         _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
@@ -321,7 +340,7 @@ def _run_pipeline(
     with (
         ThreadPoolExecutor(1, thread_name_prefix="mipseg-load") as loader,
         ThreadPoolExecutor(1, thread_name_prefix="mipseg-export") as writer,
-        progress_bar() if show_progress else _NoProgress() as bars,
+        progress_bar(show_progress) as bars,
     ):
         cases_bar = bars.add_task("cases", total=len(todo))
         pending = loader.submit(_load_and_preprocess, todo[0], predictor.plans) if todo else None
@@ -357,22 +376,3 @@ def _run_pipeline(
         while exports:
             written.append(exports.popleft().result())
     return written
-
-
-class _NoProgress:
-    """Stand-in for a rich Progress when progress display is off."""
-
-    def __enter__(self) -> _NoProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def advance(self, *args: Any) -> None:
-        return None
-
-    def remove_task(self, *args: Any) -> None:
-        return None

@@ -25,9 +25,9 @@ from mipseg.inference.engines import (
     resolve_engine,
     tile_runner,
 )
-from mipseg.inference.sliding_window import mirror_combinations, number_of_tiles, sliding_window_logits
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.preprocessing import preprocess_case, revert_preprocessing
+from mipseg.sliding_window import mirror_combinations, number_of_tiles, sliding_window_logits
 from mipseg.training.checkpoint import (
     CHECKPOINT_KINDS,
     checkpoint_path,

@@ -1,4 +1,4 @@
-"""Run one function over many cases in worker processes, with a rich progress bar."""
+"""Run one function over many cases in worker processes, with the shared progress bar."""
 
 from __future__ import annotations
 
@@ -8,24 +8,10 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from mipseg.progress import progress_bar
 
 DEFAULT_NUM_PROCESSES = 2
 _shared_pool: ProcessPoolExecutor | None = None
-
-
-def progress_bar(transient: bool = False) -> Progress:
-    """The progress bar every planning step shows (stderr, so piped stdout stays clean)."""
-    from rich.console import Console
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=transient,
-    )
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.labelset import LabelSet
 from mipseg.planning.fingerprint import extract_fingerprint
 from mipseg.planning.mip import write_case_mips
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress, shared_workers
@@ -149,9 +150,10 @@ def existing_labelsets(loaded) -> list[str]:
     names = ["dense"] if any(case.label is not None for case in loaded.cases) else []
     folder = paths.preprocessed_root() / loaded.name / "labelsets"
     if folder.is_dir():
+        candidates = [LabelSet(loaded.name, p.name) for p in folder.iterdir() if p.is_dir()]
         names += sorted(
-            p.name
-            for p in folder.iterdir()
-            if p.is_dir() and any((p / f"{case_id}.nii.gz").is_file() for case_id in loaded.case_ids)
+            labelset.name
+            for labelset in candidates
+            if any(labelset.label_path(case_id).is_file() for case_id in loaded.case_ids)
         )
     return names

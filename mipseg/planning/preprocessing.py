@@ -1,5 +1,9 @@
 """Preprocessing: crop to nonzero, normalize, resample, and the exact inverse for predictions.
 
+The one raw <-> preprocessed grid mapping of mipseg: images and label maps forward
+(:func:`preprocess_case`, :func:`preprocess_label`, :func:`preprocess_seeds`), probabilities back
+(:func:`revert_preprocessing`, used by prediction and refinement).
+
 The order is nnU-Net's ``DefaultPreprocessor.run_case_npy`` without its transpose (mipseg keeps
 arrays ``(z, y, x)`` throughout): crop to the nonzero region -> normalize (before resampling, so
 the mask is exact) -> resample to ``plans.spacing``. Per case the properties needed to map a
@@ -27,6 +31,7 @@ from scipy.ndimage import binary_fill_holes
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.resampling import compute_new_shape, resample_to_shape
@@ -202,6 +207,39 @@ def revert_class_probabilities(
         )[0]
 
 
+def preprocess_seeds(seeds: np.ndarray, properties: dict[str, Any], ignore_label: int) -> np.ndarray:
+    """Map raw-grid seed voxels onto the preprocessed grid, point by point.
+
+    Interpolating a map of isolated voxels would erase them when the grid gets coarser; instead
+    each seed's coordinate is cropped (``properties["bbox"]``) and scaled to
+    ``properties["shape_after_resampling"]``.
+
+    Parameters
+    ----------
+    seeds
+        Raw ``(Z, Y, X)``: a class label (> 0, != ``ignore_label``) at seed voxels, 0 or the
+        ignore value elsewhere.
+    properties
+        The case's preprocessing properties (``data/{case}.json``).
+
+    Returns
+    -------
+    ``(1, z, y, x)`` int16: the seed class at seed voxels, ``ignore_label`` elsewhere.
+    """
+    bbox = np.array(properties["bbox"])
+    cropped_shape = bbox[:, 1] - bbox[:, 0]
+    target_shape = np.array(properties["shape_after_resampling"])
+    result = np.full((1, *target_shape), ignore_label, dtype=np.int16)
+    coords = np.argwhere((seeds > 0) & (seeds != ignore_label))
+    values = seeds[tuple(coords.T)]
+    inside = np.all((coords >= bbox[:, 0]) & (coords < bbox[:, 1]), axis=1)
+    coords, values = coords[inside] - bbox[:, 0], values[inside]
+    mapped = np.floor((coords + 0.5) * target_shape / cropped_shape).astype(int)
+    mapped = np.minimum(mapped, target_shape - 1)
+    result[(0, *mapped.T)] = values
+    return result
+
+
 def sample_class_locations(
     seg: np.ndarray, foreground_labels: list[int], ignore_label: int | None, seed: int = LOCATION_SEED
 ) -> dict[str, np.ndarray]:
@@ -307,11 +345,13 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
 
     loaded = load_dataset(dataset, read_voxels=False)
     plans = load_plans(paths.preprocessed_dataset_dir(dataset) / "plans.json")
-    source_dir = paths.labelset_dir(dataset, name)
-    out = data_dir(dataset) / "labelsets" / name
+    labelset = LabelSet(loaded.name, name)
+    out = labelset.preprocessed_folder
     tasks, problems = [], []
     for case in loaded.cases:
-        label_path = case.label if name == "dense" else _labelset_file(source_dir, case.case_id, loaded)
+        label_path = (
+            case.label if name == "dense" else labelset.label_file(case.case_id, loaded.spec.file_ending)
+        )
         if label_path is None or not Path(label_path).is_file():
             continue
         properties_path = data_dir(dataset) / f"{case.case_id}.json"
@@ -320,7 +360,7 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
             continue
         tasks.append((str(label_path), str(properties_path), str(out / case.case_id), plans.to_json()))
     if not tasks and not problems:
-        where = loaded.folder / "labelsTr" if name == "dense" else source_dir
+        where = loaded.folder / "labelsTr" if name == "dense" else labelset.folder
         problems.append(f"{where}: no label files for label set {name!r}")
     if problems:
         raise InputError(problems)
@@ -337,13 +377,6 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
     if problems:
         raise InputError(problems)
     return out
-
-
-def _labelset_file(source_dir: Path, case_id: str, loaded) -> Path | None:
-    for ending in (".nii.gz", loaded.spec.file_ending):
-        if (source_dir / f"{case_id}{ending}").is_file():
-            return source_dir / f"{case_id}{ending}"
-    return None
 
 
 def _preprocess_label_file(

@@ -15,7 +15,6 @@ only the network sees slices resized in-plane to its working grid.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +27,8 @@ from mipseg.annotation_png import read_annotation
 from mipseg.dataset import Case, Dataset, load_dataset
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet, LabelSetWriter, agreement
+from mipseg.progress import progress_bar
 from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, registration_transport
 from mipseg.propagation.flow_net import normalize_volume
 from mipseg.propagation.instance_optimization import InstanceOptimization, for_slice_spacing, optimize_flows
@@ -44,7 +45,6 @@ from mipseg.propagation.train_flow import (
     flow_model_dir,
     load_flow_model,
     load_normalized_image,
-    progress_bar,
     train_flow_model,
 )
 
@@ -77,27 +77,25 @@ def ensure_flow_model(
     dataset: Dataset,
     settings: FlowTrainingSettings,
     *,
-    continue_training: bool = False,
+    resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
 ) -> Path:
     """Path of the dataset's trained flow model, training (or resuming) it first when needed.
 
     A finished model (``checkpoint_final.pt``) is reused as it is. An unfinished one is resumed
-    with ``continue_training``; without it the run stops rather than overwrite it.
+    with ``resume``; without it the run stops rather than overwrite it.
     """
     settings = fit_working_size(settings, dataset)
     folder = flow_model_dir(dataset.name)
     final, latest = folder / "checkpoint_final.pt", folder / "checkpoint_latest.pt"
     if final.is_file():
         return final
-    if latest.is_file() and not continue_training:
+    if latest.is_file() and not resume:
         raise InputError(
             f"{latest}: an unfinished flow model exists; add --continue to resume it, or delete {folder}"
         )
-    return train_flow_model(
-        dataset, settings, continue_training=continue_training, device=device, show_progress=show_progress
-    )
+    return train_flow_model(dataset, settings, resume=resume, device=device, show_progress=show_progress)
 
 
 def fit_working_size(settings: FlowTrainingSettings, dataset: Dataset) -> FlowTrainingSettings:
@@ -118,24 +116,24 @@ def fit_working_size(settings: FlowTrainingSettings, dataset: Dataset) -> FlowTr
 
 
 def suggest_slices(
-    dataset_id: str | int,
+    dataset: str | int,
     settings: FlowTrainingSettings = FlowTrainingSettings(),
     *,
-    continue_training: bool = False,
+    resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
 ) -> Path:
     """Suggest one slice per training case; returns the path of ``suggested_slices.json``."""
-    dataset = load_dataset(dataset_id)
+    loaded = load_dataset(dataset)
     checkpoint = ensure_flow_model(
-        dataset, settings, continue_training=continue_training, device=device, show_progress=show_progress
+        loaded, settings, resume=resume, device=device, show_progress=show_progress
     )
     torch_device = resolve_device(device)
     model = load_flow_model(checkpoint, torch_device)
-    folder = paths.preprocessed_dataset_dir(dataset.name)
+    folder = paths.preprocessed_dataset_dir(loaded.name)
     suggestions: dict[str, Any] = {}
-    with progress_bar(show_progress) as bar:
-        for case in bar.track(dataset.cases, description="suggesting slices"):
+    with progress_bar(show_progress, elapsed=True) as bar:
+        for case in bar.track(loaded.cases, description="suggesting slices"):
             volume = load_normalized_image(case.images[0])
             index, errors = suggest_slice(model, volume, torch_device)
             picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
@@ -161,12 +159,11 @@ def suggest_slices(
 
 
 def propagate_dataset(
-    dataset_id: str | int,
+    dataset: str | int,
     *,
     name: str = "propagated",
     settings: PropagationSettings = PropagationSettings(),
     flow_settings: FlowTrainingSettings = FlowTrainingSettings(),
-    continue_training: bool = False,
     resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
@@ -174,8 +171,9 @@ def propagate_dataset(
     """Propagate every annotated case of a slice-annotated dataset into label set ``name``.
 
     ``report.json`` is rewritten after every case, so an interrupted run keeps what it finished;
-    with ``resume`` (``--continue``) cases already in the report, with their label map on disk and
-    made with the same settings and flow model, are kept instead of propagated again.
+    with ``resume`` (``--continue``) an unfinished flow model is trained on, and cases already in
+    the report, with their label map on disk and made with the same settings and flow model, are
+    kept instead of propagated again (:class:`~mipseg.labelset.LabelSetWriter`).
 
     Returns
     -------
@@ -197,78 +195,45 @@ def propagate_dataset(
         )
     if refinement.reference_spacing < 0:
         raise InputError(f"--reference-spacing {refinement.reference_spacing}: must be >= 0 (0 = no scaling)")
-    dataset = load_dataset(dataset_id)
-    if dataset.spec.annotation != "slice":
+    loaded = load_dataset(dataset)
+    if loaded.spec.annotation != "slice":
         raise InputError(
-            f"{dataset.folder / 'dataset.json'}: annotation is {dataset.spec.annotation!r}; "
+            f"{loaded.folder / 'dataset.json'}: annotation is {loaded.spec.annotation!r}; "
             'propagation needs "annotation": "slice"'
         )
-    annotated = [case for case in dataset.cases if case.annotations]
+    annotated = [case for case in loaded.cases if case.annotations]
     if not annotated:
-        raise InputError(f"{dataset.folder / 'annotationsTr'}: no {{case}}_slice{{k}}.png annotation found")
+        raise InputError(f"{loaded.folder / 'annotationsTr'}: no {{case}}_slice{{k}}.png annotation found")
     model, torch_device, checkpoint, training_seconds = None, resolve_device(device), None, 0.0
     if settings.method == "flow":
         began = time.perf_counter()
         checkpoint = ensure_flow_model(
-            dataset,
-            flow_settings,
-            continue_training=continue_training,
-            device=device,
-            show_progress=show_progress,
+            loaded, flow_settings, resume=resume, device=device, show_progress=show_progress
         )
         training_seconds = time.perf_counter() - began
         model = load_flow_model(checkpoint, torch_device)
 
-    folder = paths.labelset_dir(dataset.name, name)
-    description = labelset_description(dataset, name, settings, checkpoint)
-    finished = _finished_cases(folder, description) if resume else {}
-    io.write_json(description, folder / "labelset.json")
-    entries = {case.case_id: finished[case.case_id] for case in annotated if case.case_id in finished}
-
-    def write_report() -> None:
-        ordered = [entries[case.case_id] for case in annotated if case.case_id in entries]
-        report = {
-            "method": settings.method,
-            "flow_model": str(checkpoint) if checkpoint else None,
-            "flow_model_seconds": training_seconds,
-            "unannotated_cases": [c.case_id for c in dataset.cases if not c.annotations],
-            "mean_dice": _mean_dice(ordered),
-            "cases": ordered,
-        }
-        io.write_json(report, folder / "report.json")
-
-    with progress_bar(show_progress) as bar:
-        task = bar.add_task(f"propagating ({settings.method})", total=len(annotated), completed=len(entries))
-        for case in annotated:
-            if case.case_id not in entries:
-                entries[case.case_id] = propagate_case(dataset, case, settings, folder, model, torch_device)
-                write_report()
-                bar.advance(task)
-    write_report()  # also when every case was kept: drops entries of cases no longer annotated
-    return folder
-
-
-def _finished_cases(folder: Path, description: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Report entries of an earlier run of the same label set whose label map exists, by case id.
-
-    Raises :class:`InputError` when the earlier run used other settings or another flow model:
-    mixing them in one label set would go unnoticed.
-    """
-    description_path, report_path = folder / "labelset.json", folder / "report.json"
-    if not (description_path.is_file() and report_path.is_file()):
-        return {}
-    earlier = io.read_json(description_path)
-    # JSON round trip, so tuples in the new description compare equal to the lists read back.
-    current = json.loads(json.dumps(description))
-    differences = {"settings": "other settings", "flow_model": "another flow model"}
-    changed = [words for key, words in differences.items() if earlier.get(key) != current[key]]
-    if changed:
-        raise InputError(
-            f"{description_path}: made with {' and '.join(changed)} than this run; run without "
-            "--continue to remake the label set, or choose another --name"
+    labelset = LabelSet(loaded.name, name)
+    header = {
+        "method": settings.method,
+        "flow_model_seconds": training_seconds,
+        "unannotated_cases": [c.case_id for c in loaded.cases if not c.annotations],
+    }
+    writer = LabelSetWriter(
+        labelset, labelset_description(loaded, name, settings, checkpoint), resume=resume, header=header
+    )
+    todo = [case for case in annotated if not writer.finished(case.case_id)]
+    with progress_bar(show_progress, elapsed=True) as bar:
+        task = bar.add_task(
+            f"propagating ({settings.method})", total=len(annotated), completed=len(annotated) - len(todo)
         )
-    entries = io.read_json(report_path).get("cases", [])
-    return {entry["case"]: entry for entry in entries if (folder / f"{entry['case']}.nii.gz").is_file()}
+        for case in todo:
+            writer.add_case(
+                case.case_id, propagate_case(loaded, case, settings, labelset.folder, model, torch_device)
+            )
+            bar.advance(task)
+    writer.close(case.case_id for case in annotated)  # drops cases no longer annotated
+    return labelset.folder
 
 
 def labelset_description(
@@ -285,7 +250,7 @@ def labelset_description(
         "ignore_means": "propagation unsure: boundary band of propagated masks and slices past a stop",
         "geometry": "raw image grid",
         "settings": settings.to_json(),
-        "flow_model": str(checkpoint) if checkpoint else None,
+        "made_from": {"flow_model": str(checkpoint) if checkpoint else None},
     }
 
 
@@ -340,8 +305,9 @@ def propagate_case(
         geometry,
         folder / f"{case.case_id}.nii.gz",
     )
+    values = {**dataset.spec.class_labels, "ignore": dataset.spec.ignore_label}
     entry: dict[str, Any] = {
-        "case": case.case_id,
+        "counts": {label: int(np.count_nonzero(labels == value)) for label, value in values.items()},
         "annotated_slices": sorted(annotations),
         "extents": [extent.to_dict() for extent in result.extents],
         "unsure_fraction": float(result.unsure.mean()),
@@ -351,24 +317,6 @@ def propagate_case(
         entry["smoothness_weights"] = {"iss": refinement.iss_weight, "in_plane": refinement.smooth_weight}
     if case.label is not None:
         truth, _ = io.read_image(case.label)
-        entry["dice"] = dice_per_class(result.labels, truth, dataset.spec.foreground_labels)
+        # the propagated masks themselves (unsure band included), as the method would be judged
+        entry["agreement"] = agreement(result.labels, truth, dataset.spec.class_labels)
     return entry
-
-
-def dice_per_class(prediction: np.ndarray, truth: np.ndarray, labels: list[int]) -> dict[str, float | None]:
-    """Dice of every label (``None`` where both are empty), on ``(z, y, x)`` maps."""
-    scores: dict[str, float | None] = {}
-    for label in labels:
-        predicted, true = prediction == label, truth == label
-        total = int(predicted.sum()) + int(true.sum())
-        scores[str(label)] = None if total == 0 else 2.0 * float((predicted & true).sum()) / total
-    return scores
-
-
-def _mean_dice(entries: list[dict[str, Any]]) -> dict[str, float]:
-    values: dict[str, list[float]] = {}
-    for entry in entries:
-        for label, score in entry.get("dice", {}).items():
-            if score is not None:
-                values.setdefault(label, []).append(score)
-    return {label: float(np.mean(scores)) for label, scores in values.items()}

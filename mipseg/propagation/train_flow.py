@@ -8,7 +8,7 @@ No labels are read. Every iteration takes one volume (channel 0; a random window
 (:mod:`mipseg.propagation.losses`). Checkpoints go to ``results/DatasetX/flow__selfsup/``:
 ``checkpoint_latest.pt`` every ``save_every`` iterations and on Ctrl-C, ``checkpoint_final.pt``
 at the end, plus ``training_log.txt`` and ``progress.png``; all written atomically.
-``continue_training=True`` resumes from ``checkpoint_latest.pt`` (network, optimiser, random
+``resume=True`` resumes from ``checkpoint_latest.pt`` (network, optimiser, random
 states, loss log), so an interrupted and a straight run give the same weights.
 """
 
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mipseg import io, paths
 from mipseg.dataset import Dataset
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
+from mipseg.progress import progress_bar
 from mipseg.propagation.flow_net import FlowNet, FlowNetConfig, normalize_volume, split_flows, to_working_grid
 from mipseg.propagation.losses import (
     SIMILARITIES,
@@ -71,9 +71,9 @@ class FlowTrainingSettings:
         return data
 
 
-def flow_model_dir(dataset_id: str | int) -> Path:
+def flow_model_dir(dataset: str | int) -> Path:
     """``results/DatasetX/flow__selfsup``."""
-    return paths.results_dataset_dir(dataset_id) / FLOW_MODEL_NAME
+    return paths.results_dataset_dir(dataset) / FLOW_MODEL_NAME
 
 
 def load_normalized_image(path: Path) -> np.ndarray:
@@ -111,7 +111,7 @@ def train_flow_model(
     dataset: Dataset,
     settings: FlowTrainingSettings = FlowTrainingSettings(),
     *,
-    continue_training: bool = False,
+    resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
 ) -> Path:
@@ -120,7 +120,7 @@ def train_flow_model(
     Raises
     ------
     InputError
-        Unknown similarity, ``continue_training`` without a checkpoint, or a checkpoint made
+        Unknown similarity, ``resume`` without a checkpoint, or a checkpoint made
         with other settings.
     """
     if settings.similarity not in SIMILARITIES:
@@ -136,7 +136,7 @@ def train_flow_model(
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.learning_rate)
     log: list[dict] = []
     start = 0
-    if continue_training:
+    if resume:
         if not latest.is_file():
             raise InputError(f"{latest}: no checkpoint to continue from; run without --continue")
         checkpoint = torch.load(latest, map_location=torch_device, weights_only=False)
@@ -156,7 +156,7 @@ def train_flow_model(
     model.train()
     iteration, iteration_rng_state = start, None
     try:
-        with progress_bar(show_progress) as progress:
+        with progress_bar(show_progress, elapsed=True) as progress:
             task = progress.add_task("training flow", total=settings.iterations, completed=start)
             for iteration in range(start, settings.iterations):
                 began = time.perf_counter()
@@ -274,15 +274,3 @@ def _plot_progress(path: Path, log: list[dict]) -> None:
     with io.atomic_path(path) as tmp:
         figure.savefig(tmp, dpi=80)
     plt.close(figure)
-
-
-def progress_bar(show: bool) -> Progress:
-    """The progress bar of the propagation stage (training iterations, cases)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not show,
-    )

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import numpy as np
 from scipy import ndimage
 
+from mipseg.labelset import agreement
 from mipseg.planning.mip import ray_coordinates
 
 # Published constants (seed-methods.md A.2): range clipping, S_1 threshold, component size, S_0 ratios.
@@ -380,24 +381,14 @@ def agreement_with_truth(
     dict
         ``precision`` and ``recall`` of the vessel voxels, their ``dice``, ``background_error`` (fraction
         of true vessel voxels labelled background) and ``background_precision`` (fraction of background
-        voxels that are truly background). Undefined ratios are NaN.
+        voxels that are truly background). Undefined ratios are NaN. Scored by
+        :func:`mipseg.labelset.agreement`.
     """
-    vessel, background = labels == vessel_value, labels == 0
-    if region is not None:
-        vessel, background, truth = vessel & region, background & region, truth & region
-    true_vessel = int(np.count_nonzero(truth))
-    hits = int(np.count_nonzero(vessel & truth))
-    predicted = int(np.count_nonzero(vessel))
-    missed_to_background = int(np.count_nonzero(background & truth))
-    labelled_background = int(np.count_nonzero(background))
+    scores = agreement(
+        labels, np.where(truth, vessel_value, 0), {"background": 0, "vessel": vessel_value}, region=region
+    )
+    vessel = scores["vessel"]
     return {
-        "precision": _ratio(hits, predicted),
-        "recall": _ratio(hits, true_vessel),
-        "dice": _ratio(2 * hits, predicted + true_vessel),
-        "background_error": _ratio(missed_to_background, true_vessel),
-        "background_precision": _ratio(labelled_background - missed_to_background, labelled_background),
+        **{key: vessel[key] for key in ("precision", "recall", "dice", "background_error")},
+        "background_precision": scores["background"]["precision"],
     }
-
-
-def _ratio(numerator: int, denominator: int) -> float:
-    return numerator / denominator if denominator else float("nan")

@@ -17,25 +17,23 @@ Dense truth (labelsTr) is read only to fill the agreement numbers of the report.
 from __future__ import annotations
 
 import multiprocessing
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mipseg import io, paths
 from mipseg.annotation_png import read_annotation
-from mipseg.dataset import Case, Dataset, load_dataset, parse_dataset_json
+from mipseg.dataset import Case, Dataset, DatasetSpec, load_dataset, parse_dataset_json
 from mipseg.errors import InputError
+from mipseg.labelset import SEEDS_PATTERN, LabelSet, LabelSetWriter, agreement, name_problems
 from mipseg.planning.mip import maximum_intensity_projection, ray_coordinates
+from mipseg.progress import progress_bar
 from mipseg.pseudolabel import mip_backprojection as bp
 
 DEFAULT_NAME = "pseudo"
-RESERVED_NAMES = ("dense",)
-SEEDS_PATTERN = "{case}_seeds.nii.gz"
 # QC colours (RGB): S_1 seen on annotated pixels, and S_1 leaking onto pixels nobody annotated.
 QC_ANNOTATED = np.array([230, 30, 30], dtype=np.float32)
 QC_LEAK = np.array([255, 210, 0], dtype=np.float32)
@@ -117,9 +115,7 @@ def make_pseudo_labels(
         or a depth map of the wrong shape.
     """
     settings = settings or PseudoLabelSettings()
-    problems = settings.problems()
-    if not re.fullmatch(r"\w[\w.-]*", name) or name in RESERVED_NAMES:
-        problems.append(f"label set name {name!r} is reserved or not a simple name (letters, digits, _ . -)")
+    problems = settings.problems() + name_problems(name, "label set name")
     if num_processes < 1:
         problems.append(f"-np must be >= 1, got {num_processes}")
     if problems:
@@ -127,28 +123,26 @@ def make_pseudo_labels(
     _require_mip_mode(dataset)
     loaded = load_dataset(dataset, read_voxels=False, require_annotations=True)
     axes = _check_axes(loaded, settings.axes)
-    folder = paths.preprocessed_root() / loaded.name / "labelsets" / name
-    description = labelset_description(loaded, name, settings, axes)
-    report = _start_report(folder, description, resume)
-    io.write_json(description, folder / "labelset.json")
-
+    labelset = LabelSet(loaded.name, name)
+    writer = LabelSetWriter(
+        labelset,
+        labelset_description(loaded, name, settings, axes),
+        resume=resume,
+        case_files=lambda case_id: _case_files(labelset, case_id, axes),
+    )
     jobs = [
-        (loaded, case, axes, settings, folder)
+        (loaded, case, axes, settings, labelset.folder)
         for case in loaded.cases
-        if not (resume and _case_finished(folder, case.case_id, axes, report))
+        if not writer.finished(case.case_id)
     ]
-    with _progress(show_progress) as progress:
+    with progress_bar(show_progress) as progress:
         task = progress.add_task(f"pseudo-labels {loaded.name}", total=len(loaded.cases))
         progress.advance(task, len(loaded.cases) - len(jobs))
         for case_id, entry in _run_jobs(jobs, num_processes):
-            report["cases"][case_id] = entry
-            report["summary"] = summarize(report["cases"])
-            io.write_json(report, folder / "report.json")
+            writer.add_case(case_id, entry)
             progress.advance(task)
-    report["cases"] = {case.case_id: report["cases"][case.case_id] for case in loaded.cases}
-    report["summary"] = summarize(report["cases"])
-    io.write_json(report, folder / "report.json")
-    return folder
+    writer.close(loaded.case_ids)
+    return labelset.folder
 
 
 def labelset_description(
@@ -156,7 +150,6 @@ def labelset_description(
 ) -> dict[str, Any]:
     """Content of ``labelset.json``: the meaning of every value and file, and the settings."""
     spec = dataset.spec
-    vessel_name = next(k for k, v in spec.class_labels.items() if v == 1)
     return {
         "name": name,
         "dataset": dataset.name,
@@ -164,13 +157,18 @@ def labelset_description(
         "background": 0,
         "vessel": 1,
         "ignore": spec.ignore_label,
-        "labels": {"background": 0, vessel_name: 1, "ignore": spec.ignore_label},
+        "labels": {**label_classes(spec), "ignore": spec.ignore_label},
         "seeds": SEEDS_PATTERN,
         "seeds_values": {"seed": 1, "elsewhere": spec.ignore_label},
         "intensity_channel": 0,
         "mip_axes": list(axes),
         "settings": {**settings.to_json(), "axes": list(axes)},
     }
+
+
+def label_classes(spec: DatasetSpec) -> dict[str, int]:
+    """The classes of a pseudo-label map: background 0 and the dataset's first foreground label, 1."""
+    return {"background": 0, next(k for k, v in spec.class_labels.items() if v == 1): 1}
 
 
 def process_case(
@@ -202,7 +200,8 @@ def process_case(
     entry: dict[str, Any] = {"counts": counts}
     if case.label is not None:
         truth, _ = io.read_image(case.label)
-        entry["agreement"] = bp.agreement_with_truth(labels, truth > 0)
+        # the vessel value is 1; truth with several classes is scored as "any label > 0"
+        entry["agreement"] = agreement(labels, (truth > 0).astype(np.uint8), label_classes(dataset.spec))
     # Seeds as a label map of their own (seed class at seeds, ignore elsewhere), the layout the
     # trainer reads, so preprocessing can treat it exactly like the label map.
     seed_map = np.where(seeds, np.uint8(1), np.uint8(dataset.spec.ignore_label))
@@ -275,25 +274,6 @@ def qc_overlay(mip: np.ndarray, foreground_projection: np.ndarray, annotation: n
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-def summarize(cases: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Totals of the voxel counts over cases and the mean of each agreement number."""
-    summary: dict[str, Any] = {"num_cases": len(cases)}
-    if not cases:
-        return summary
-    count_keys = next(iter(cases.values()))["counts"].keys()
-    summary["counts"] = {key: sum(entry["counts"][key] for entry in cases.values()) for key in count_keys}
-    scored = [entry["agreement"] for entry in cases.values() if "agreement" in entry]
-    if scored:
-        summary["agreement_mean"] = {
-            key: float(np.nanmean([s[key] for s in scored]))
-            if any(s[key] == s[key] for s in scored)
-            else None
-            for key in scored[0]
-        }
-        summary["num_cases_scored"] = len(scored)
-    return summary
-
-
 def _require_mip_mode(dataset: str | int) -> None:
     """Say first that a dataset is not in mip mode, before its (then irrelevant) annotation problems."""
     path = paths.raw_dataset_dir(dataset) / "dataset.json"
@@ -318,33 +298,10 @@ def _check_axes(dataset: Dataset, requested: tuple[int, ...] | None) -> tuple[in
     return tuple(sorted(set(requested)))
 
 
-def _start_report(folder: Path, description: dict[str, Any], resume: bool) -> dict[str, Any]:
-    """The report to extend: the earlier one when resuming with the same settings, else a new one."""
-    report_path, description_path = folder / "report.json", folder / "labelset.json"
-    if resume and report_path.is_file() and description_path.is_file():
-        earlier = io.read_json(description_path)
-        if earlier.get("settings") != description["settings"]:
-            raise InputError(
-                f"{description_path}: made with settings {earlier.get('settings')}, now "
-                f"{description['settings']}; run without --continue to remake the label set"
-            )
-        report = io.read_json(report_path)
-        report.setdefault("cases", {})
-        return report
-    return {
-        "labelset": description["name"],
-        "dataset": description["dataset"],
-        "settings": description["settings"],
-        "values": {k: description[k] for k in ("background", "vessel", "ignore", "seeds")},
-        "truth_used_for": "agreement numbers only (labelsTr), never for the labels",
-        "cases": {},
-    }
-
-
-def _case_finished(folder: Path, case_id: str, axes: tuple[int, ...], report: dict[str, Any]) -> bool:
-    files = [folder / f"{case_id}.nii.gz", folder / SEEDS_PATTERN.format(case=case_id)]
-    files += [folder / "qc" / f"{case_id}_mip{axis}.png" for axis in axes]
-    return case_id in report["cases"] and all(path.is_file() for path in files)
+def _case_files(labelset: LabelSet, case_id: str, axes: tuple[int, ...]) -> list[Path]:
+    """Files of a finished case: seeds and QC pictures, and the label map (written last)."""
+    qc = [labelset.folder / "qc" / f"{case_id}_mip{axis}.png" for axis in axes]
+    return [labelset.seeds_path(case_id), *qc, labelset.label_path(case_id)]
 
 
 def _run_job(job: tuple[Dataset, Case, tuple[int, ...], PseudoLabelSettings, Path]) -> tuple[str, dict]:
@@ -360,13 +317,3 @@ def _run_jobs(jobs: list[tuple], num_processes: int) -> Iterator[tuple[str, dict
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(num_processes, len(jobs))) as pool:
         yield from pool.imap_unordered(_run_job, jobs)
-
-
-def _progress(show: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not show,
-    )

@@ -10,6 +10,7 @@ import numpy as np
 from scipy import ndimage
 
 from mipseg.errors import InputError
+from mipseg.metrics import dice_from_counts
 
 SLICE_CHOICES = ("middle", "largest")
 
@@ -136,6 +137,7 @@ def best_threshold_dice(
     edges = np.concatenate([thresholds, [np.inf]])
     positives = np.histogram(values[truth], bins=edges)[0][::-1].cumsum()[::-1]
     predicted = np.histogram(values, bins=edges)[0][::-1].cumsum()[::-1]
-    dice = 2.0 * positives / np.maximum(predicted + truth.sum(), 1)
+    # No truth and nothing above a threshold counts 0 (not NaN), so that argmax ranks every threshold.
+    dice = np.nan_to_num(dice_from_counts(positives, predicted - positives, truth.sum() - positives), nan=0.0)
     best = int(np.argmax(dice))
     return float(dice[best]), float(thresholds[best])

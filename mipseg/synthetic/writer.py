@@ -13,11 +13,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import track
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.progress import track
 from mipseg.synthetic.annotation import (
     SLICE_CHOICES,
     simulate_mip_annotation,
@@ -34,7 +33,7 @@ _GENERATORS: dict[str, Callable] = {"vessels": make_vessel_volume, "organs": mak
 
 
 def synthesize_dataset(
-    dataset_id: int,
+    dataset: int,
     kind: str,
     *,
     num_cases: int = 12,
@@ -53,8 +52,8 @@ def synthesize_dataset(
 
     Parameters
     ----------
-    dataset_id
-        0..999.
+    dataset
+        Id of the new dataset, 0..999 (named ``Dataset{id:03d}_{name}``).
     kind
         ``"vessels"`` (MIP annotations along ``mip_axes``) or ``"organs"`` (one annotated
         slice per case, chosen by ``slice_choice``).
@@ -80,6 +79,7 @@ def synthesize_dataset(
     InputError
         Bad arguments, or the dataset (or another one with the same id) already exists.
     """
+    dataset_id = dataset
     shape, spacing, name = _checked_arguments(
         dataset_id, kind, num_cases, shape, spacing, seed, name, mip_axes, num_test_cases, slice_choice
     )
@@ -90,10 +90,7 @@ def synthesize_dataset(
     geometry = synthetic_geometry(shape, spacing)
     try:
         total = num_cases + num_test_cases
-        cases = range(total)
-        if show_progress:
-            cases = track(cases, description=f"synthesizing {kind}", console=Console(stderr=True))
-        for index in cases:
+        for index in track(range(total), f"synthesizing {kind}", show=show_progress):
             rng = np.random.default_rng((seed, index))
             image, label = _GENERATORS[kind](shape, spacing, rng)
             case_id = f"{kind}_{index:03d}"
@@ -263,7 +260,7 @@ def _check_existing(folder: Path, dataset_id: int, overwrite: bool) -> None:
         raise InputError(f"{folder}: dataset already exists; pass --overwrite to replace it")
 
 
-def annotate_suggested_slices(dataset_id: str | int, suggestions_file: Path) -> dict[str, int | None]:
+def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dict[str, int | None]:
     """Simulate an annotator who draws the slices ``mipseg_propagate --suggest`` proposed.
 
     For every case in ``suggestions_file`` (``suggested_slices.json``), the case's slice
@@ -277,11 +274,9 @@ def annotate_suggested_slices(dataset_id: str | int, suggestions_file: Path) -> 
     dict
         Case -> the slice drawn, or None where the suggested slice held no foreground.
     """
-    folder = paths.raw_dataset_dir(dataset_id)
+    folder = paths.raw_dataset_dir(dataset)
     if not Path(suggestions_file).is_file():
-        raise InputError(
-            f"{suggestions_file}: not found; run mipseg_propagate -d {dataset_id} --suggest first"
-        )
+        raise InputError(f"{suggestions_file}: not found; run mipseg_propagate -d {dataset} --suggest first")
     suggestions = io.read_json(suggestions_file)["cases"]
     drawn: dict[str, int | None] = {}
     for case_id, suggestion in sorted(suggestions.items()):

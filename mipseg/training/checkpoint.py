@@ -17,7 +17,7 @@ key                    value
 ``num_input_channels`` image channels; ``num_classes``: logits channels (ignore excluded)
 ``dropout``            Dropout3d probability the network was built with
 ``mirror_axes``        axes flipped during training (test-time augmentation may use them)
-``config``             the :class:`mipseg.training.trainer.TrainingConfig` as a dict
+``config``             the :class:`mipseg.training.loop.TrainingConfig` as a dict
 ``logging``            per-epoch lists (losses, pseudo Dice, EMA, learning rate, times)
 ``best_ema``           best EMA pseudo Dice so far
 ``rng_state``          torch / numpy / python RNG states (exact resume)

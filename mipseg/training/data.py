@@ -370,36 +370,3 @@ def make_augmenter(
     return MultiThreadedAugmenter(
         loader, transform, num_workers, num_cached_per_queue=2, seeds=seeds, pin_memory=pin_memory
     )
-
-
-def preprocess_seeds(seeds: np.ndarray, properties: dict, ignore_label: int) -> np.ndarray:
-    """Map raw-grid seed voxels onto the preprocessed grid, point by point.
-
-    Interpolating a map of isolated voxels would erase them when the grid gets coarser; instead
-    each seed's coordinate is cropped (``properties["bbox"]``) and scaled to
-    ``properties["shape_after_resampling"]``.
-
-    Parameters
-    ----------
-    seeds
-        Raw ``(Z, Y, X)``: a class label (> 0, != ``ignore_label``) at seed voxels, 0 or the
-        ignore value elsewhere.
-    properties
-        The case's preprocessing properties (``data/{case}.json``).
-
-    Returns
-    -------
-    ``(1, z, y, x)`` int16: the seed class at seed voxels, ``ignore_label`` elsewhere.
-    """
-    bbox = np.array(properties["bbox"])
-    cropped_shape = bbox[:, 1] - bbox[:, 0]
-    target_shape = np.array(properties["shape_after_resampling"])
-    result = np.full((1, *target_shape), ignore_label, dtype=np.int16)
-    coords = np.argwhere((seeds > 0) & (seeds != ignore_label))
-    values = seeds[tuple(coords.T)]
-    inside = np.all((coords >= bbox[:, 0]) & (coords < bbox[:, 1]), axis=1)
-    coords, values = coords[inside] - bbox[:, 0], values[inside]
-    mapped = np.floor((coords + 0.5) * target_shape / cropped_shape).astype(int)
-    mapped = np.minimum(mapped, target_shape - 1)
-    result[(0, *mapped.T)] = values
-    return result

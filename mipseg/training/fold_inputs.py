@@ -1,7 +1,8 @@
 """What a training run needs before it starts: plans, split, label set, seeds, initial weights.
 
 Resolves fold ``k`` of ``splits.json`` (or ``all``), makes sure the label set and its seeds are on
-the preprocessed grid (``preprocess_labelset`` / :func:`mipseg.training.data.preprocess_seeds`),
+the preprocessed grid (:func:`~mipseg.planning.preprocessing.preprocess_labelset` /
+:func:`~mipseg.planning.preprocessing.preprocess_seeds`; files located by :class:`mipseg.labelset.LabelSet`),
 and loads fine-tuning weights.
 """
 
@@ -16,7 +17,9 @@ from torch import nn
 from mipseg import io, paths
 from mipseg.dataset import DatasetSpec, load_dataset
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet
 from mipseg.planning.plans import Plans, load_plans
+from mipseg.planning.preprocessing import preprocess_labelset, preprocess_seeds
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import data as data_module
 
@@ -71,13 +74,12 @@ def _labelset_complete(folder: Path, case_ids: list[str]) -> bool:
 
 def ensure_labelset(dataset: str, name: str, case_ids: list[str]) -> Path:
     """The preprocessed label set folder, made with ``preprocess_labelset`` when incomplete."""
-    from mipseg.planning.preprocessing import data_dir, preprocess_labelset
-
-    folder = data_dir(dataset) / "labelsets" / name
+    labelset = LabelSet(dataset, name)
+    folder = labelset.preprocessed_folder
     if not _labelset_complete(folder, case_ids):
-        if name != "dense" and not paths.labelset_dir(dataset, name).is_dir():
+        if name != "dense" and not labelset.folder.is_dir():
             raise InputError(
-                f"{paths.labelset_dir(dataset, name)}: label set {name!r} not found "
+                f"{labelset.folder}: label set {name!r} not found "
                 "(make it with mipseg_pseudolabel / mipseg_propagate / mipseg_refine)"
             )
         preprocess_labelset(dataset, name)
@@ -86,21 +88,20 @@ def ensure_labelset(dataset: str, name: str, case_ids: list[str]) -> Path:
 
 def ensure_seeds(dataset: str, name: str, case_ids: list[str], data_dir: Path, ignore_label: int) -> bool:
     """Preprocess ``labelsets/{name}/{case}_seeds.nii.gz`` where present; True if any case has seeds."""
-    source = paths.labelset_dir(dataset, name)
-    target = data_dir / "labelsets" / name
+    labelset = LabelSet(dataset, name)
     found = False
     for case_id in case_ids:
-        raw = source / f"{case_id}_seeds.nii.gz"
+        raw = labelset.seeds_path(case_id)
         if not raw.is_file():
             continue
         found = True
-        out = target / f"{case_id}_seeds.npy"
+        out = labelset.preprocessed_folder / f"{case_id}_seeds.npy"
         if not out.is_file():
             seeds, _ = io.read_image(raw)
             properties = io.read_json(data_dir / f"{case_id}.json")
             if list(seeds.shape) != list(properties["shape_before_cropping"]):
                 raise InputError(f"{raw}: shape {list(seeds.shape)} differs from its image")
-            io.save_npy(data_module.preprocess_seeds(seeds, properties, ignore_label), out)
+            io.save_npy(preprocess_seeds(seeds, properties, ignore_label), out)
     return found
 
 

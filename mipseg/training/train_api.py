@@ -17,15 +17,12 @@ from torch import nn
 from mipseg import io, paths
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
+from mipseg.progress import progress_bar
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import data as data_module
 from mipseg.training import distributed as ddp
 from mipseg.training.fold_inputs import FoldInputs, load_init_weights, parse_fold, resolve_inputs
-from mipseg.training.mip_branch import join_checkpoint, split_checkpoint
-from mipseg.training.mip_data import attach_mip_targets
-from mipseg.training.mip_losses import MipSettings
-from mipseg.training.progress import PLOT_INTERVAL_S, log_line, plot_progress
-from mipseg.training.trainer import (
+from mipseg.training.loop import (
     TrainingConfig,
     TrainingState,
     check_config,
@@ -37,13 +34,17 @@ from mipseg.training.trainer import (
     state_to_checkpoint,
     unwrap,
 )
-from mipseg.training.trainers import (
+from mipseg.training.mip_branch import join_checkpoint, split_checkpoint
+from mipseg.training.mip_data import attach_mip_targets
+from mipseg.training.mip_losses import MipSettings
+from mipseg.training.trainer_registry import (
     TRAINERS,
     TrainerComponents,
     mip_axes_of,
     mip_trainer,
     resolve_trainer_name,
 )
+from mipseg.training.training_log import PLOT_INTERVAL_S, log_line, plot_progress
 from mipseg.training.validation import export_validation
 
 
@@ -105,9 +106,9 @@ def train_fold(
     labels: str = "pseudo",
     trainer: str = "plain",
     config: TrainingConfig | None = None,
-    continue_training: bool = False,
+    resume: bool = False,
     init_from: str | Path | None = None,
-    progress: bool = True,
+    show_progress: bool = True,
     mip_settings: MipSettings | None = None,
 ) -> Path:
     """Train one fold and export its out-of-fold probabilities; returns ``fold_k``'s folder.
@@ -126,10 +127,12 @@ def train_fold(
         else ``plain``.
     config
         Epochs, iterations, seed, device, ... (:class:`TrainingConfig`).
-    continue_training
-        Resume from ``checkpoint_latest`` (or finish from ``checkpoint_final``).
+    resume
+        Continue from ``checkpoint_latest`` (or finish from ``checkpoint_final``): ``--continue``.
     init_from
         Checkpoint to initialise the weights from (fine-tuning).
+    show_progress
+        Progress bars (epochs, iterations, final validation).
     mip_settings
         Loss weights, projection variant and branch switch of the ``mip`` trainer (default: the
         published ones; a resumed run keeps its checkpoint's).
@@ -137,7 +140,7 @@ def train_fold(
     trainer = resolve_trainer_name(dataset, trainer)
     if trainer not in TRAINERS:
         raise InputError(f"unknown trainer {trainer!r}; known: {', '.join(sorted(TRAINERS))}")
-    if continue_training and init_from is not None:
+    if resume and init_from is not None:
         raise InputError("--continue and --init-from exclude each other")
     fold = parse_fold(fold)
     config = config or TrainingConfig()
@@ -157,9 +160,9 @@ def train_fold(
             config,
             device,
             context,
-            continue_training,
+            resume,
             init_from,
-            progress,
+            show_progress,
             mip_settings,
         )
     finally:
@@ -197,9 +200,9 @@ def _train(
     config,
     device,
     context,
-    continue_training,
+    resume,
     init_from,
-    progress,
+    show_progress,
     mip_settings=None,
 ):
     inputs = resolve_inputs(dataset, fold, labels) if context.is_main else None
@@ -210,7 +213,7 @@ def _train(
     fold_dir = model_dir / f"fold_{fold}"
     log_path = fold_dir / "training_log.txt"
     resume_from = None
-    if continue_training:
+    if resume:
         for kind in ("final", "latest"):
             if ckpt.checkpoint_path(fold_dir, kind).is_file():
                 resume_from = ckpt.load_checkpoint(ckpt.checkpoint_path(fold_dir, kind))
@@ -232,7 +235,7 @@ def _train(
         fold_dir.mkdir(parents=True, exist_ok=True)
         inputs.plans.save(model_dir / "plans.json")
         io.write_json(inputs.dataset_json, model_dir / "dataset.json")
-        if continue_training and resume_from is None:
+        if resume and resume_from is None:
             log_line(log_path, "--continue: no checkpoint found, starting from scratch")
         if resume_from is None:
             # a fresh run replaces an earlier one: its final/latest must not be resumed by mistake
@@ -275,30 +278,26 @@ def _train(
         extra["mip_axes"] = list(mip_axes)
     loss_fn = components.build_loss(inputs.plans, inputs.spec, config)
     if state.epoch < config.epochs:
-        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes)
+        _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, show_progress, mip_axes)
     if context.is_main:
         final = ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final"))
         ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
         log_line(log_path, f"training done after {state.epoch} epochs: {final.name}")
         if fold != "all":
-            _final_validation(state, inputs, fold_dir, device, log_path, progress)
+            _final_validation(state, inputs, fold_dir, device, log_path, show_progress)
     ddp.barrier(context)
     return fold_dir
 
 
-def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, progress, mip_axes=()):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, show_progress, mip_axes=()):
     config = state.config
-    show = progress and context.is_main
     plotted_at = 0.0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (
         _augmenters(inputs, config, context, device.type == "cuda", state.epoch, mip_axes) as (
             train_batches,
             val_batches,
         ),
-        Progress(*columns, disable=not show, transient=True) as bar,
+        progress_bar(show_progress and context.is_main, transient=True) as bar,
     ):
         epochs = bar.add_task("epochs", total=config.epochs, completed=state.epoch)
         iterations = bar.add_task("iterations", total=config.iters_per_epoch)
@@ -349,15 +348,13 @@ def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: 
 
 
 def _final_validation(
-    state, inputs: FoldInputs, fold_dir: Path, device, log_path: Path, progress: bool
+    state, inputs: FoldInputs, fold_dir: Path, device, log_path: Path, show_progress: bool
 ) -> None:
-    from rich.progress import Progress
-
     network = unwrap(state.network)
     network = getattr(network, "network3d", network)  # prediction runs the 3D network alone
     network.deep_supervision = False
     case_ids = [c.case_id for c in inputs.val_cases]
-    with Progress(disable=not progress, transient=True) as bar:
+    with progress_bar(show_progress, transient=True) as bar:
         task = bar.add_task("validation", total=len(case_ids))
         summary = export_validation(
             network,
@@ -368,9 +365,10 @@ def _final_validation(
             output_dir=fold_dir / "validation",
             patch_size=inputs.plans.patch_size,
             device=device,
+            num_classes=inputs.spec.num_classes,
             foreground_labels=inputs.spec.foreground_labels,
             ignore_label=inputs.spec.ignore_label,
-            progress=lambda _case: bar.advance(task),
+            on_case_done=lambda _case: bar.advance(task),
         )
     network.deep_supervision = True
     log_line(log_path, f"validation of {len(case_ids)} cases: {summary['mean']}")

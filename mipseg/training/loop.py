@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mipseg.metrics import dice_from_counts
 from mipseg.training.losses import LossFunction
 
 
@@ -236,13 +237,6 @@ def confusion_counts(
     return counts
 
 
-def dice_from_counts(counts: np.ndarray) -> list[float]:
-    """Dice per class from ``(K-1, 3)`` TP/FP/FN; NaN where a class is absent from both."""
-    tp, fp, fn = counts[:, 0].astype(float), counts[:, 1].astype(float), counts[:, 2].astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return list(np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), np.nan))
-
-
 @torch.no_grad()
 def validation_step(
     state: TrainingState,
@@ -297,7 +291,7 @@ def run_epoch(
         val_losses.append(loss)
         counts += batch_counts
     counts = reduce_counts(counts)
-    dice = dice_from_counts(counts)
+    dice = dice_from_counts(*counts.T)  # per foreground class; NaN where absent from both
     mean_dice = float(np.nanmean(dice)) if not np.all(np.isnan(dice)) else 0.0
     log = state.log
     ema = mean_dice if not log.ema_fg_dice else 0.9 * log.ema_fg_dice[-1] + 0.1 * mean_dice

@@ -13,11 +13,11 @@ from torch import nn
 
 from mipseg.dataset import DatasetSpec
 from mipseg.planning.plans import Plans
+from mipseg.training.loop import TrainingConfig
 from mipseg.training.losses import LossFunction, PartialDiceCELoss
 from mipseg.training.mip_branch import build_mip_network
 from mipseg.training.mip_losses import MipProjectionLoss, MipSettings
 from mipseg.training.network import build_network
-from mipseg.training.trainer import TrainingConfig
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mipseg import io
-from mipseg.training.trainer import TrainingLog
+from mipseg.training.loop import TrainingLog
 
 
 def log_line(path: Path, message: str) -> None:

@@ -14,8 +14,8 @@ partial label set with two rules, both driven by out-of-fold predictions:
 :func:`keep_foreground_near` undoes flips to foreground far from S_1 (mipseg's addition: the MIP
 annotation says background there). :func:`merge_refinement` combines both rules as the method
 intends (confident learning cleans labelled voxels, uncertainty labels unlabelled ones), turns
-voxels claimed by two classes into ignore, and keeps seeds foreground. :func:`change_counts` and
-:func:`set_agreement` feed the report.
+voxels claimed by two classes into ignore, and keeps seeds foreground. :func:`change_counts` feeds
+the report (agreement with truth is :func:`mipseg.labelset.agreement`).
 
 Label maps hold dataset labels (0 = background, 1.. = foreground classes) plus one ignore value.
 """
@@ -419,23 +419,3 @@ def change_counts(
         "added": {str(c): int(pairs[ignore_label, c]) for c in classes},
         "removed": {str(c): int(pairs[c, ignore_label]) for c in classes},
     }
-
-
-def set_agreement(
-    labels: np.ndarray, truth: np.ndarray, classes: Sequence[int]
-) -> dict[str, dict[str, float | int | None]]:
-    """Precision and recall of each class's labelled set against dense truth.
-
-    ``precision_c = |L_c & T_c| / |L_c|``, ``recall_c = |L_c & T_c| / |T_c|`` (None when a
-    denominator is 0); ``voxels`` = ``|L_c|``.
-    """
-    result: dict[str, dict[str, float | int | None]] = {}
-    for c in classes:
-        labelled, true = labels == c, truth == c
-        hits, size, total = int((labelled & true).sum()), int(labelled.sum()), int(true.sum())
-        result[str(c)] = {
-            "voxels": size,
-            "precision": hits / size if size else None,
-            "recall": hits / total if total else None,
-        }
-    return result

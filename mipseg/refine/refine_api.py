@@ -9,15 +9,15 @@ one at a time:
 2. T stochastic passes (dropout on, input + clamped Gaussian noise) in the preprocessed grid;
 3. both brought back onto the raw grid (:func:`~mipseg.planning.preprocessing.revert_preprocessing`),
    where the label set lives, so refinement never resamples labels it does not change;
-4. the rules of :mod:`mipseg.training.refine`, then the refined map, a copy of the seeds and the
-   report entry are written (atomically; the label map last, so it marks the case finished)::
+4. the rules of :mod:`mipseg.refine.rules`, then the refined map, a copy of the seeds and the
+   report entry are written (atomically; the label map last, so it marks the case finished;
+   :class:`~mipseg.labelset.LabelSetWriter` writes the report)::
 
     labelsets/{name}/{case}.nii.gz  {case}_seeds.nii.gz  labelset.json  report.json
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 import zlib
@@ -28,23 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
 from mipseg import io, paths
 from mipseg.dataset import Case, DatasetSpec, load_dataset
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
+from mipseg.labelset import LabelSet, LabelSetWriter, agreement, name_problems
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.preprocessing import revert_preprocessing
+from mipseg.progress import progress_bar
+from mipseg.refine import rules as refine
+from mipseg.sliding_window import sliding_window_probabilities
 from mipseg.training import checkpoint as ckpt
-from mipseg.training import refine
-from mipseg.training.refine_report import case_finished, labelset_description, start_report, summarize
-from mipseg.training.validation import sliding_window_probabilities
 
 DEFAULT_SOURCE = "pseudo"
 DEFAULT_NAME = "refined"
-SEEDS_PATTERN = "{case}_seeds.nii.gz"
 
 
 @dataclass(frozen=True)
@@ -134,27 +133,23 @@ def refine_labelset(
         a case whose fold has no trained model (all problems listed together).
     """
     settings = settings or RefineSettings()
-    problems = settings.problems()
-    if not re.fullmatch(r"\w[\w.-]*", name) or name in ("dense", labels):
-        problems.append(
-            f"--name {name!r}: must be a simple name other than 'dense' and the source {labels!r}"
-        )
+    problems = settings.problems() + name_problems(name, also_reserved=(labels,))
     if problems:
         raise InputError(problems)
     torch_device = resolve_device(device)
     loaded = load_dataset(dataset, read_voxels=False)
     if settings.trainer == "auto":  # as mipseg_train's default: mip for MIP-annotated datasets
-        from mipseg.training.trainers import resolve_trainer_name
+        from mipseg.training.trainer_registry import resolve_trainer_name
 
         settings = replace(settings, trainer=resolve_trainer_name(loaded.name, "auto"))
     preprocessed = paths.preprocessed_dataset_dir(loaded.name)
     plans = load_plans(preprocessed / "plans.json")
-    source_dir = paths.labelset_dir(loaded.name, labels)
+    source = LabelSet(loaded.name, labels)
     models = locate_fold_models(loaded.name, loaded.case_ids, labels, settings)
     problems = [
-        f"{source_dir / f'{c}.nii.gz'}: label file missing"
+        f"{source.label_path(c)}: label file missing"
         for c in loaded.case_ids
-        if not (source_dir / f"{c}.nii.gz").is_file()
+        if not source.label_path(c).is_file()
     ]
     problems += [
         f"{preprocessed / 'data' / f'{c}.npy'}: case not preprocessed; run mipseg_plan first"
@@ -164,19 +159,19 @@ def refine_labelset(
     if problems:
         raise InputError(problems[:10])
 
-    folder = paths.labelset_dir(loaded.name, name)
+    labelset = LabelSet(loaded.name, name)
     warnings = _dropout_warnings(models)
     for line in warnings:
         Console(stderr=True).print(f"[yellow]warning:[/] {line}", highlight=False)
-    report = start_report(folder, loaded.name, labels, name, settings, resume)
-    report["warnings"] = warnings
-    io.write_json(
-        labelset_description(source_dir, loaded.name, labels, name, loaded.spec, settings),
-        folder / "labelset.json",
+    writer = LabelSetWriter(
+        labelset,
+        labelset_description(source, loaded.spec, settings),
+        resume=resume,
+        header={"warnings": warnings},
+        agreement_keys=("agreement", "source_agreement"),
     )
-    todo = [c for c in loaded.cases if not (resume and case_finished(folder, c.case_id, report))]
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not show_progress, transient=True) as bar:
+    todo = [c for c in loaded.cases if not writer.finished(c.case_id)]
+    with progress_bar(show_progress, transient=True) as bar:
         task = bar.add_task(
             f"refine {loaded.name}", total=len(loaded.cases), completed=len(loaded.cases) - len(todo)
         )
@@ -197,19 +192,36 @@ def refine_labelset(
                 model_plans.patch_size,
                 model,
                 data_dir=preprocessed / "data",
-                source_dir=source_dir,
-                output_dir=folder,
+                source=source,
+                output=labelset,
                 settings=settings,
                 device=torch_device,
             )
-            report["cases"][case.case_id] = entry
-            report["summary"] = summarize(report["cases"])
-            io.write_json(report, folder / "report.json")
+            writer.add_case(case.case_id, entry)
             bar.advance(task)
-    report["cases"] = {c: report["cases"][c] for c in loaded.case_ids if c in report["cases"]}
-    report["summary"] = summarize(report["cases"])
-    io.write_json(report, folder / "report.json")
-    return folder
+    writer.close(loaded.case_ids)
+    return labelset.folder
+
+
+def labelset_description(source: LabelSet, spec: DatasetSpec, settings: RefineSettings) -> dict[str, Any]:
+    """``labelset.json``: the source set's description (values, seeds) with this stage's provenance.
+
+    The source's own ``settings`` are kept as ``source_settings``.
+    """
+    description = io.read_json(source.description_path) if source.description_path.is_file() else {}
+    if "settings" in description:
+        description["source_settings"] = description.pop("settings")
+    description.pop("made_from", None)
+    description.update(
+        {
+            "made_by": "mipseg_refine (confident learning + uncertainty, Guo et al. IEEE TMI 2024)",
+            "labels": {**spec.class_labels, "ignore": spec.ignore_label},
+            "ignore": spec.ignore_label,
+            "settings": settings.to_json(),
+            "made_from": {"labelset": source.name},
+        }
+    )
+    return description
 
 
 def locate_fold_models(
@@ -259,27 +271,29 @@ def refine_case(
     model: FoldModel,
     *,
     data_dir: Path,
-    source_dir: Path,
-    output_dir: Path,
+    source: LabelSet,
+    output: LabelSet,
     settings: RefineSettings,
     device: torch.device,
 ) -> dict[str, Any]:
     """Refine one case and write its label map and seeds; returns its report entry.
 
-    ``data_dir`` = ``preprocessed/DatasetX/data``; ``source_dir`` / ``output_dir`` = the source and
-    refined label set folders; ``model`` = the case's out-of-fold model, ``network`` its network.
+    ``data_dir`` = ``preprocessed/DatasetX/data``; ``source`` / ``output`` = the source and refined
+    label sets; ``model`` = the case's out-of-fold model, ``network`` its network.
     """
     started = time.time()
     image = np.load(data_dir / f"{case.case_id}.npy")
     properties = io.read_json(data_dir / f"{case.case_id}.json")
+    num_classes = spec.num_classes
     deterministic = _deterministic_probabilities(
-        case.case_id, image, network, patch_size, model, settings, device
+        case.case_id, image, network, patch_size, num_classes, model, settings, device
     )
     case_seed = settings.seed + zlib.crc32(case.case_id.encode()) % (2**31 - 1)
     stochastic = stochastic_mean_probabilities(
         network,
         image,
         patch_size,
+        num_classes,
         device,
         passes=settings.passes,
         noise_std=settings.noise_std,
@@ -287,13 +301,13 @@ def refine_case(
         seed=case_seed,
     )
     del image
-    deterministic = to_raw_grid(deterministic, properties, plans)
-    stochastic = to_raw_grid(stochastic, properties, plans)
+    deterministic = revert_preprocessing(deterministic, properties, plans)
+    stochastic = revert_preprocessing(stochastic, properties, plans)
 
-    labels, geometry = io.read_image(source_dir / f"{case.case_id}.nii.gz")
+    labels, geometry = io.read_image(source.label_path(case.case_id))
     if list(labels.shape) != list(deterministic.shape[1:]):
         raise InputError(
-            f"{source_dir / f'{case.case_id}.nii.gz'}: shape {list(labels.shape)} differs from its image "
+            f"{source.label_path(case.case_id)}: shape {list(labels.shape)} differs from its image "
             f"{list(deterministic.shape[1:])}"
         )
     ignore = spec.ignore_label
@@ -319,7 +333,7 @@ def refine_case(
     cleaned = refine.keep_foreground_near(labels, cleaned, settings.max_distance, geometry.spacing_zyx)
     del deterministic, probabilities
 
-    seeds_path = source_dir / SEEDS_PATTERN.format(case=case.case_id)
+    seeds_path = source.seeds_path(case.case_id)
     seeds = io.read_image(seeds_path)[0] if seeds_path.is_file() else None
     refined = refine.merge_refinement(
         labels, cleaned, add_foreground, add_background, ignore_label=ignore, seeds=seeds
@@ -327,28 +341,23 @@ def refine_case(
     classes = sorted(spec.class_labels.values())
     entry: dict[str, Any] = {
         "fold": model.fold,
-        "confident_learning": {"voxels_considered": int(given.size), "flagged": int(issues.sum())},
-        "uncertainty": {
-            "foreground_added": int((add_foreground > 0).sum()),
-            "background_added": int(add_background.sum()),
+        "counts": {
+            "confident_learning": {"voxels_considered": int(given.size), "flagged": int(issues.sum())},
+            "uncertainty": {
+                "foreground_added": int((add_foreground > 0).sum()),
+                "background_added": int(add_background.sum()),
+            },
+            "changes": refine.change_counts(labels, refined, ignore, classes),
         },
-        "changes": refine.change_counts(labels, refined, ignore, classes),
     }
     if case.label is not None:
         truth, _ = io.read_image(case.label)
-        names = {str(v): k for k, v in spec.class_labels.items()}
-        for key, label_map in (("before", labels), ("after", refined)):
-            agreement = refine.set_agreement(label_map, truth, classes)
-            entry.setdefault("agreement", {})[key] = {names[c]: v for c, v in agreement.items()}
+        entry["agreement"] = agreement(refined, truth, spec.class_labels)
+        entry["source_agreement"] = agreement(labels, truth, spec.class_labels)
     if seeds_path.is_file():
-        with io.atomic_path(output_dir / seeds_path.name) as tmp:
+        with io.atomic_path(output.seeds_path(case.case_id)) as tmp:
             shutil.copyfile(seeds_path, tmp)
-    io.write_image(refined, geometry, output_dir / f"{case.case_id}.nii.gz")
-    # Preprocessed copies made by mipseg_train from an earlier run are stale now: drop them so the
-    # fine-tuning run preprocesses this map again (train only redoes incomplete label sets).
-    stale = data_dir / "labelsets" / output_dir.name
-    for suffix in (".npy", "_locations.npz", "_seeds.npy"):
-        (stale / f"{case.case_id}{suffix}").unlink(missing_ok=True)
+    io.write_image(refined, geometry, output.label_path(case.case_id))
     entry["seconds"] = round(time.time() - started, 2)
     return entry
 
@@ -357,6 +366,7 @@ def stochastic_mean_probabilities(
     network: nn.Module,
     image: np.ndarray,
     patch_size: list[int],
+    num_classes: int,
     device: torch.device,
     *,
     passes: int,
@@ -383,27 +393,16 @@ def stochastic_mean_probabilities(
     total = None
     for _ in range(passes):
         noise = np.clip(rng.normal(0.0, noise_std, image.shape), -noise_clamp, noise_clamp).astype(np.float32)
-        probabilities = sliding_window_probabilities(sampler, image + noise, patch_size, device)
+        probabilities = sliding_window_probabilities(
+            sampler, image + noise, patch_size, num_classes, device=device
+        )
         total = probabilities if total is None else total + probabilities
     return total / np.float32(passes)
 
 
-def to_raw_grid(probabilities: np.ndarray, properties: dict[str, Any], plans: Plans) -> np.ndarray:
-    """``(K, z, y, x)`` preprocessed-grid probabilities -> ``(K, Z, Y, X)`` on the raw grid.
-
-    When no resampling was needed (same shape as the crop) the array is only pasted into the crop
-    box; otherwise :func:`revert_preprocessing` resamples it as the planner did.
-    """
-    if list(probabilities.shape[1:]) != list(properties["shape_after_cropping"]):
-        return revert_preprocessing(probabilities.astype(np.float32, copy=False), properties, plans)
-    full = np.zeros((probabilities.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
-    full[0] = 1.0
-    box = tuple(slice(a, b) for a, b in properties["bbox"])
-    full[(slice(None), *box)] = probabilities
-    return full
-
-
-def _deterministic_probabilities(case_id, image, network, patch_size, model, settings, device) -> np.ndarray:
+def _deterministic_probabilities(
+    case_id, image, network, patch_size, num_classes, model, settings, device
+) -> np.ndarray:
     """The exported out-of-fold softmax when it belongs to the chosen checkpoint, else a fresh pass."""
     exported = model.fold_dir / "validation" / f"{case_id}.npz"
     if settings.checkpoint == "final" and exported.is_file():
@@ -411,7 +410,7 @@ def _deterministic_probabilities(case_id, image, network, patch_size, model, set
             probabilities = stored["probabilities"].astype(np.float32)
         if list(probabilities.shape[1:]) == list(image.shape[1:]):
             return probabilities
-    return sliding_window_probabilities(network, image, patch_size, device)
+    return sliding_window_probabilities(network, image, patch_size, num_classes, device=device)
 
 
 def _dropout_warnings(models: dict[str, FoldModel]) -> list[str]:

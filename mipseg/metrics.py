@@ -1,5 +1,9 @@
 """Segmentation metrics on boolean masks: overlap, surface distances in mm, and clDice.
 
+The one home of Dice in mipseg (:func:`dice_from_counts`): evaluation, training validation, label-set
+reports, postprocessing and benchmarks all call it, so every Dice follows the same empty-mask rule.
+Shared layer: any stage may import it (it imports no stage).
+
 All arrays are numpy ``(z, y, x)``; ``spacing`` is the voxel size in mm in the same
 ``(z, y, x)`` order. Every metric follows one set of rules for empty masks (see
 :func:`metrics_from_counts` and the surface/skeleton functions), so that averaging with
@@ -17,6 +21,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from skimage.morphology import skeletonize
@@ -61,11 +66,60 @@ def metrics_from_counts(counts: dict[str, int]) -> dict[str, float]:
     """
     tp, fp, fn = counts["TP"], counts["FP"], counts["FN"]
     return {
-        "Dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "Dice": float(dice_from_counts(tp, fp, fn)),
         "IoU": _ratio(tp, tp + fp + fn),
         "precision": _ratio(tp, tp + fp),
         "recall": _ratio(tp, tp + fn),
     }
+
+
+def dice_from_counts(tp: ArrayLike, fp: ArrayLike, fn: ArrayLike) -> np.ndarray:
+    """Dice = 2 TP / (2 TP + FP + FN), elementwise over arrays of voxel counts.
+
+    Empty-mask rule (the only one in mipseg): **NaN when TP + FP + FN = 0**, i.e. reference and
+    prediction are both empty (nothing to score, as nnU-Net); 0 when exactly one of them is empty.
+    Average with ``np.nanmean``; a caller that needs a number for "both empty" (e.g. to rank
+    candidates) replaces the NaN itself and says why.
+
+    Parameters
+    ----------
+    tp, fp, fn : int or np.ndarray of int, broadcastable
+        True positives, false positives, false negatives.
+
+    Returns
+    -------
+    np.ndarray of float64, the broadcast shape (0-d for scalars: use ``float()``)
+    """
+    tp, fp, fn = (np.asarray(v, dtype=np.float64) for v in (tp, fp, fn))
+    denominator = 2 * tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, 2 * tp / np.where(denominator > 0, denominator, 1), np.nan)
+
+
+def dice_per_class(
+    reference: np.ndarray, prediction: np.ndarray, classes: Sequence[int], ignore_label: int | None = None
+) -> dict[str, float]:
+    """Dice of every class of two label maps, keyed by the class value as a string.
+
+    Parameters
+    ----------
+    reference, prediction : np.ndarray of int, shape (z, y, x)
+    classes
+        Class values to score, each as the mask ``== class``.
+    ignore_label
+        Reference value of unknown voxels, left out of both masks (``None``: every voxel counts).
+
+    Returns
+    -------
+    dict
+        ``str(class) -> Dice`` (NaN where both masks are empty, see :func:`dice_from_counts`).
+    """
+    valid = None if ignore_label is None else reference != ignore_label
+    scores = {}
+    for value in classes:
+        counts = confusion_counts(reference == value, prediction == value, valid)
+        scores[str(value)] = float(dice_from_counts(counts["TP"], counts["FP"], counts["FN"]))
+    return scores
 
 
 def dice(reference: np.ndarray, prediction: np.ndarray) -> float:

@@ -1,5 +1,9 @@
 """Sliding-window prediction with Gaussian importance weighting and mirroring (nnU-Net's scheme).
 
+The one sliding window of mipseg (shared layer, below the stages): prediction runs it for logits,
+training's final validation and refinement for class probabilities
+(:func:`sliding_window_probabilities`).
+
 A volume larger than the patch is covered by overlapping tiles (``tile_step_size`` of the patch
 apart, 0.5 by default), each tile's logits are weighted by a Gaussian that trusts the tile centre
 more than its border, and the weighted sum is divided by the summed weights. Tiles are run in
@@ -190,6 +194,7 @@ def sliding_window_logits(
     use_gaussian: bool = True,
     device: torch.device | str = "cpu",
     on_tiles_done: Callable[[int], None] | None = None,
+    tile_softmax: bool = False,
 ) -> torch.Tensor:
     """Logits of a whole preprocessed volume by Gaussian-weighted sliding-window prediction.
 
@@ -218,6 +223,9 @@ def sliding_window_logits(
         Where the network runs and the logits accumulate.
     on_tiles_done
         Called with the number of tiles finished after every batch (progress bars).
+    tile_softmax
+        Average every tile's softmax instead of its logits: the result is then class probabilities
+        (see :func:`sliding_window_probabilities`).
 
     Returns
     -------
@@ -250,6 +258,8 @@ def sliding_window_logits(
             logits = predict_with_mirroring(network, batch, mirror_axes).float()
             if logits.shape[1] != num_classes:
                 raise ValueError(f"network returned {logits.shape[1]} channels, expected {num_classes}")
+            if tile_softmax:
+                logits = torch.softmax(logits, 1)
             for tile_logits, s in zip(logits, batch_slices):
                 logits_sum[(slice(None), *s)].addcmul_(tile_logits, weight_tile)
                 weight_sum[s] += weight_tile
@@ -260,6 +270,49 @@ def sliding_window_logits(
         raise RuntimeError("sliding-window logits contain inf/nan; the network output overflowed")
     # the slicer's first entry covers the image channels; the logits have K channels instead
     return logits_sum[(slice(None), *revert_slicer[1:])]
+
+
+def sliding_window_probabilities(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    image: np.ndarray,
+    tile_size: Sequence[int],
+    num_classes: int,
+    *,
+    tile_step_size: float = 0.5,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Class probabilities of a whole preprocessed case: Gaussian-weighted mean of every tile's softmax.
+
+    One tile per forward pass, no mirroring; the network is put in eval mode first. Training's
+    final validation (out-of-fold export) and refinement's passes use it; averaging per-tile
+    softmax rather than logits keeps their probabilities as they were before the one sliding
+    window was shared (prediction averages logits, as nnU-Net).
+
+    Parameters
+    ----------
+    network
+        Maps ``(1, C, *tile_size)`` to logits ``(1, num_classes, *tile_size)``.
+    image : np.ndarray float32, shape (C, z, y, x)
+    tile_size, num_classes, tile_step_size, device
+        As :func:`sliding_window_logits`.
+
+    Returns
+    -------
+    np.ndarray float32, shape (K, z, y, x), summing to 1 over K
+    """
+    if isinstance(network, torch.nn.Module):
+        network.eval()
+    probabilities = sliding_window_logits(
+        network,
+        image,
+        tile_size,
+        num_classes,
+        tile_step_size=tile_step_size,
+        mirror_axes=None,
+        device=device,
+        tile_softmax=True,
+    )
+    return probabilities.cpu().numpy()
 
 
 def number_of_tiles(image_shape: Sequence[int], tile_size: Sequence[int], tile_step_size: float) -> int:
