@@ -89,7 +89,7 @@ def train(
     ] = True,
     seed: SeedOption = 0,
     quiet: Annotated[
-        bool, typer.Option("--quiet", help="No bars and no per-epoch lines (training_log.txt still has them).")
+        bool, typer.Option("--quiet", help="No bars, no per-epoch lines (training_log.txt has them).")
     ] = False,
     debug: DebugOption = False,
 ) -> None:

@@ -229,7 +229,8 @@ def propagate_dataset(
         )
         for case in todo:
             writer.add_case(
-                case.case_id, propagate_case(loaded, case, settings, labelset.folder, model, torch_device)
+                case.case_id,
+                propagate_case(loaded, case, settings, writer.target.folder, model, torch_device),
             )
             bar.advance(task)
     writer.close(case.case_id for case in annotated)  # drops cases no longer annotated

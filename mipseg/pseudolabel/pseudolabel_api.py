@@ -131,7 +131,7 @@ def make_pseudo_labels(
         case_files=lambda case_id: _case_files(labelset, case_id, axes),
     )
     jobs = [
-        (loaded, case, axes, settings, labelset.folder)
+        (loaded, case, axes, settings, writer.target.folder)  # beside a finished set until close
         for case in loaded.cases
         if not writer.finished(case.case_id)
     ]
