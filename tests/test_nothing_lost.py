@@ -6,14 +6,18 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from _training_helpers import tiny_plans, write_tiny_dataset
 
+from mipseg import io
 from mipseg.errors import InputError
 from mipseg.inference.predict_api import PredictionSettings, predict_folder
 from mipseg.training import checkpoint as ckpt
@@ -146,3 +150,112 @@ def test_redirected_training_output_has_one_parsable_line_per_epoch(data_roots, 
         check=True,
     )
     assert "epoch" not in quiet.stdout + quiet.stderr
+
+
+# --- kill tests: SIGINT and SIGKILL at seeded points, then --continue ------------------------------
+
+
+def _run_until(command: list[str], ready, sig: int, timeout: float = 120.0) -> int:
+    """Start ``command``, send ``sig`` as soon as ``ready()`` holds (polled every 20 ms); its exit code.
+
+    The point is "random" but reproducible: the first moment a given file appears.
+    """
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if process.poll() is None:
+        process.send_signal(sig)
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode != 0, f"{command[0]} finished before it was killed; stderr: {stderr[-500:]}"
+    if process.returncode not in (130, -signal.SIGKILL):
+        raise AssertionError(stderr.decode()[-3000:])
+    return process.returncode
+
+
+def _no_partials(folder: Path) -> bool:
+    return not any(".partial-" in p.name for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_train_killed_keeps_the_finished_model_and_continue_completes(trained, sig) -> None:
+    name, fold_dir = trained
+    final = fold_dir / "checkpoint_final.pt"
+    before = final.read_bytes()
+    latest = fold_dir / "checkpoint_latest.pt"
+    command = [str(BIN / "mipseg_train"), "-d", name, "-f", "0", "--quiet", *QUICK, "--save-every", "1"]
+    command[command.index("--epochs") + 1] = "30"
+    code = _run_until(command, latest.is_file, sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), code
+    assert final.read_bytes() == before  # the finished model is untouched and still loads
+    assert ckpt.load_checkpoint(final)["epoch"] == 1
+    resumed = ckpt.load_checkpoint(latest)
+    assert 1 <= resumed["epoch"] < 30 and resumed["config"]["epochs"] == 30
+    subprocess.run([*command, "--continue", "--epochs", "3"], env=_env(), check=True, capture_output=True)
+    done = ckpt.load_checkpoint(final)
+    assert done["config"]["epochs"] == 3 and done["epoch"] >= resumed["epoch"]
+    assert not latest.exists() and _no_partials(fold_dir)
+
+
+def test_predict_killed_keeps_finished_cases_and_continue_completes(trained, data_roots) -> None:
+    name, _ = trained
+    images, output = data_roots["raw"] / name / "imagesTr", data_roots["raw"] / "predicted"
+    command = [str(BIN / "mipseg_predict"), "-i", str(images), "-o", str(output), "-d", name]
+    command += ["-f", "0", "--disable-tta", "--device", "cpu", "--disable-progress-bar"]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    before = _snapshot(output)
+    # a second run over the same folder, killed once it has rewritten its run files
+    args = output / "predict_args.json"
+    stamp = args.stat().st_mtime_ns
+    _run_until(command, lambda: args.stat().st_mtime_ns != stamp, signal.SIGKILL)
+    for case in ("case_000", "case_001", "case_002"):  # each case is the old or the new file, whole
+        label, _ = io.read_image(output / f"{case}.nii.gz")
+        assert label.shape == (16, 40, 40)
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    after = _snapshot(output)
+    assert {k for k in after if k.endswith(".nii.gz")} == {k for k in before if k.endswith(".nii.gz")}
+    assert _no_partials(output)
+
+
+@pytest.fixture
+def organs(data_roots) -> str:
+    from mipseg.synthetic import synthesize_dataset
+
+    synthesize_dataset(
+        991,
+        "organs",
+        num_cases=3,
+        num_test_cases=0,
+        shape=(16, 32, 32),
+        spacing=(3.0, 1.0, 1.0),
+        show_progress=False,
+    )
+    return "991"
+
+
+def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_roots) -> None:
+    command = [str(BIN / "mipseg_plan"), "-d", organs, "-np", "1", "--device", "cpu"]
+    folder = data_roots["preprocessed"]
+    _run_until(command, lambda: any(folder.rglob("data/*.npy")), signal.SIGKILL)
+    for array in folder.rglob("data/*.npy"):
+        assert np.load(array).ndim == 4  # what exists is complete
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    data = next(folder.glob("Dataset991_*")) / "data"
+    assert len(list(data.glob("*.npy"))) == 3 and _no_partials(folder)
+
+
+PROPAGATE = ["--iters", "3", "--refine-iters", "10", "--coarse-iters", "5", "--device", "cpu"]
+
+
+def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots) -> None:
+    command = [str(BIN / "mipseg_propagate"), "-d", organs, "--name", "organs", *PROPAGATE]
+    subprocess.run([*command, "--method", "copy"], env=_env(), check=True, capture_output=True)
+    labelset = next(data_roots["preprocessed"].glob("Dataset991_*")) / "labelsets" / "organs"
+    before = _snapshot(labelset)
+    staged = labelset.with_name(".organs.next")
+    _run_until([*command, "--method", "flow"], (staged / "labelset.json").is_file, signal.SIGKILL)
+    assert _snapshot(labelset) == before  # training still reads the finished (copy) set
+    subprocess.run([*command, "--method", "flow", "--continue"], env=_env(), check=True, capture_output=True)
+    assert io.read_json(labelset / "report.json")["method"] == "flow"
+    assert len(io.read_json(labelset / "report.json")["cases"]) == 3
+    assert not staged.exists() and not labelset.with_name(".organs.old").exists()

@@ -341,9 +341,11 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, sh
                         plotted_at = time.time()
         except KeyboardInterrupt:
             if context.is_main:
-                plot_progress(state.log, fold_dir / "progress.png")
                 ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
                 log_line(log_path, f"interrupted during epoch {state.epoch}; checkpoint_latest written")
+                # the picture last: Ctrl-C during matplotlib's first import leaves it half-imported
+                with contextlib.suppress(Exception):
+                    plot_progress(state.log, fold_dir / "progress.png")
             raise
 
 
