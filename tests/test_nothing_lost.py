@@ -259,3 +259,22 @@ def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots)
     assert io.read_json(labelset / "report.json")["method"] == "flow"
     assert len(io.read_json(labelset / "report.json")["cases"]) == 3
     assert not staged.exists() and not labelset.with_name(".organs.old").exists()
+
+
+def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots) -> None:
+    from test_refine import _train_two_folds
+
+    name = _train_two_folds(data_roots)
+    command = [str(BIN / "mipseg_refine"), "-d", name, "--device", "cpu", "--passes", "1"]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    labelset = data_roots["preprocessed"] / name / "labelsets" / "refined"
+    before = _snapshot(labelset)
+    staged = labelset.with_name(".refined.next")
+    _run_until([*command, "--passes", "3"], (staged / "labelset.json").is_file, signal.SIGINT)
+    assert _snapshot(labelset) == before
+    subprocess.run([*command, "--passes", "3", "--continue"], env=_env(), check=True, capture_output=True)
+    description = io.read_json(labelset / "labelset.json")
+    assert (
+        description["settings"]["passes"] == 3 and len(io.read_json(labelset / "report.json")["cases"]) == 4
+    )
+    assert not staged.exists()
