@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.errors import InputError
 from mipseg.labelset import LabelSet
 from mipseg.planning.fingerprint import extract_fingerprint
 from mipseg.planning.mip import write_case_mips
@@ -73,6 +74,8 @@ def plan_and_preprocess(
     """
     from mipseg.dataset import load_dataset
 
+    if num_processes < 1:
+        raise InputError(f"-np must be at least 1, got {num_processes}")
     budget = resolve_budget(device, gpu_memory_gb)  # bad flags fail before any work
     # headers only: the fingerprint reads every voxel anyway, and reports unreadable files by name
     loaded = load_dataset(dataset, read_voxels=False)
