@@ -242,6 +242,7 @@ def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_ro
     subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
     data = next(folder.glob("Dataset991_*")) / "data"
     assert len(list(data.glob("*.npy"))) == 3 and _no_partials(folder)
+    assert not list((data.parent / "mips").glob("*.png"))  # organs drawn on a slice: no MIPs
 
 
 PROPAGATE = ["--iters", "3", "--refine-iters", "10", "--coarse-iters", "5", "--device", "cpu"]

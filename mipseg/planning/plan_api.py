@@ -131,9 +131,11 @@ def write_splits(case_ids: list[str], path: Path) -> list[dict]:
 def write_mips(loaded, plans: Plans, out_dir: Path, *, num_processes: int, resume: bool) -> None:
     """MIP PNGs, depth maps and a side-by-side review PNG per training case (raw grid, channel 0).
 
-    Axes: ``plans.mip_axes`` in mip mode; datasets without a MIP mode get all three axes for
-    review only.
+    Axes: ``plans.mip_axes`` in mip mode; dense datasets get all three axes for review only;
+    slice-annotated datasets (organs drawn on a slice, where a projection shows nothing) get none.
     """
+    if loaded.spec.annotation == "slice":
+        return
     axes = plans.mip_axes or [0, 1, 2]
     tasks = [
         (str(case.images[0]), axes, str(out_dir), case.case_id)
