@@ -51,3 +51,13 @@ def test_evaluate_table_names_classes_and_is_not_cut(tmp_path: Path) -> None:
     assert outcome.exit_code == 0, outcome.output
     assert "liver (1)" in outcome.output and "spleen (2)" in outcome.output
     assert "…" not in outcome.output and str(prediction / "summary.json") in outcome.output
+
+
+def test_ct_suggested_slice_uses_the_soft_tissue_window() -> None:
+    from mipseg.propagation.slice_selection import ct_slice_picture
+
+    hounsfield = np.array([[-1000.0, -160.0, 40.0, 60.0, 240.0, 1500.0]])
+    picture = ct_slice_picture(hounsfield)
+    assert picture[0, 0] == 0 and picture[0, 1] == 0 and picture[0, 4] == 255 and picture[0, -1] == 255
+    # liver (~60 HU) and muscle (~40 HU) differ by 12-13 grey levels; scaled from air to bone by ~2
+    assert int(picture[0, 3]) - int(picture[0, 2]) >= 12
