@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     pictures = qc_pictures(args.vessels, args.organs)
     console = Console()
-    console.print("QC pictures:")
+    console.print("QC pictures (overlays: green = agrees, yellow = extra / false positive, red = missed):")
     for kind, files in pictures.items():
         console.print(f"  {kind}: {len(files)}")
         for path in files:

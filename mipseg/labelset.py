@@ -29,7 +29,9 @@ are ``null`` and left out of the means. Shared layer: stages import it; it impor
 from __future__ import annotations
 
 import math
+import os
 import re
+import shutil
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +72,7 @@ class LabelSet:
 
     dataset: str
     name: str
+    staged: bool = False  # the folder a fresh run over a finished set writes, beside it (LabelSetWriter)
 
     @classmethod
     def of(cls, dataset: str | int, name: str) -> LabelSet:
@@ -81,12 +84,15 @@ class LabelSet:
         """Every label set of a dataset that has a ``report.json``, by name."""
         name = paths.resolve_dataset(dataset)
         folder = paths.preprocessed_root() / name / "labelsets"
-        found = sorted(p.name for p in folder.glob("*") if (p / REPORT_FILE).is_file())
+        found = sorted(
+            p.name for p in folder.glob("*") if (p / REPORT_FILE).is_file() and not p.name.startswith(".")
+        )
         return [cls(name, labelset) for labelset in found]
 
     @property
     def folder(self) -> Path:
-        return paths.preprocessed_root() / self.dataset / "labelsets" / self.name
+        folder = f".{self.name}.next" if self.staged else self.name
+        return paths.preprocessed_root() / self.dataset / "labelsets" / folder
 
     @property
     def preprocessed_folder(self) -> Path:
@@ -240,6 +246,11 @@ class LabelSetWriter:
     settings raise :class:`InputError`. Without ``resume`` the report starts empty. The report is
     rewritten after every case, so an interrupted run keeps what it finished.
 
+    Nothing finished is replaced before its replacement is complete: a run without ``resume`` over a
+    set that has a ``report.json`` writes into ``labelsets/.{name}.next/`` (:attr:`target`; producers
+    write their files there) and :meth:`close` swaps it in; until then readers (training) see the
+    earlier set unchanged. ``--continue`` after an interruption goes on in ``.{name}.next``.
+
     Parameters
     ----------
     labelset
@@ -268,6 +279,7 @@ class LabelSetWriter:
         agreement_keys: tuple[str, ...] = ("agreement",),
     ) -> None:
         self.labelset = labelset
+        self.target = _target(labelset, resume)
         self.description = io.json_round_trip(
             {"name": labelset.name, "dataset": labelset.dataset, **description}
         )
@@ -275,10 +287,10 @@ class LabelSetWriter:
         self.case_files = case_files or (lambda case_id: [labelset.label_path(case_id)])
         self.agreement_keys = agreement_keys
         self.cases: dict[str, dict[str, Any]] = self._earlier_cases() if resume else {}
-        io.write_json(self.description, labelset.description_path)
+        io.write_json(self.description, self.target.description_path)
 
     def _earlier_cases(self) -> dict[str, dict[str, Any]]:
-        description_path, report_path = self.labelset.description_path, self.labelset.report_path
+        description_path, report_path = self.target.description_path, self.target.report_path
         if not (description_path.is_file() and report_path.is_file()):
             return {}
         earlier = io.read_json(description_path)
@@ -293,7 +305,9 @@ class LabelSetWriter:
         return {case_id: entry for case_id, entry in cases.items() if self._files_exist(case_id)}
 
     def _files_exist(self, case_id: str) -> bool:
-        return all(path.is_file() for path in self.case_files(case_id))
+        # case_files name the set's own folder; while staged the files are in the target folder
+        final, target = self.labelset.folder, self.target.folder
+        return all((target / path.relative_to(final)).is_file() for path in self.case_files(case_id))
 
     def finished(self, case_id: str) -> bool:
         """Whether the case is kept from an earlier run (or was added in this one)."""
@@ -301,7 +315,8 @@ class LabelSetWriter:
 
     def add_case(self, case_id: str, entry: dict[str, Any]) -> None:
         """Record a case whose files are written, drop its stale preprocessed copy, rewrite the report."""
-        self.labelset.drop_preprocessed_copy(case_id)
+        if not self.target.staged:  # staged: the set being read stays as it is until close
+            self.labelset.drop_preprocessed_copy(case_id)
         self.cases[case_id] = entry
         self.write()
 
@@ -309,7 +324,10 @@ class LabelSetWriter:
         """Final report: cases in ``case_order`` (others dropped, e.g. no longer annotated)."""
         order = list(case_order)
         self.cases = {case_id: self.cases[case_id] for case_id in order if case_id in self.cases}
-        return self.write()
+        self.write()
+        if self.target.staged:
+            _swap_in(self.labelset)
+        return self.labelset.report_path
 
     def write(self) -> Path:
         """Write ``report.json`` as it stands."""
@@ -323,7 +341,40 @@ class LabelSetWriter:
             "cases": self.cases,
             "summary": summarize(self.cases, self.description.get("labels", {}), self.agreement_keys),
         }
-        return io.write_json(io.json_round_trip(report), self.labelset.report_path)
+        return io.write_json(io.json_round_trip(report), self.target.report_path)
+
+
+def _target(labelset: LabelSet, resume: bool) -> LabelSet:
+    """Where a run writes: beside a finished set (fresh run, or resuming such a run), else in place."""
+    staged = LabelSet(labelset.dataset, labelset.name, staged=True)
+    _finish_swap(labelset)
+    if resume:
+        return staged if staged.folder.is_dir() else labelset
+    shutil.rmtree(staged.folder, ignore_errors=True)  # an unfinished fresh run: this one starts anew
+    return staged if labelset.report_path.is_file() else labelset
+
+
+def _old_folder(labelset: LabelSet) -> Path:
+    return labelset.folder.with_name(f".{labelset.name}.old")
+
+
+def _swap_in(labelset: LabelSet) -> None:
+    """Replace the set by its complete staged folder (two renames), then drop the old copies."""
+    old = _old_folder(labelset)
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(labelset.folder, old)
+    _finish_swap(labelset)
+
+
+def _finish_swap(labelset: LabelSet) -> None:
+    """Complete a swap that a kill cut between its two renames (the staged folder is then complete)."""
+    old, staged = _old_folder(labelset), LabelSet(labelset.dataset, labelset.name, staged=True).folder
+    if old.is_dir() and not labelset.folder.exists() and staged.is_dir():
+        os.replace(staged, labelset.folder)
+    if old.is_dir():
+        shutil.rmtree(old)
+        # every map may have changed: training preprocesses the set again
+        shutil.rmtree(labelset.preprocessed_folder, ignore_errors=True)
 
 
 def _ratio(numerator: int, denominator: int) -> float:

@@ -29,7 +29,8 @@ def progress_bar(show: bool = True, *, transient: bool = False, elapsed: bool = 
     ----------
     show
         ``False`` gives a disabled bar with the same methods (``add_task``, ``advance``, ``track``),
-        so callers never branch on it (``--disable-progress-bar``, ``show_progress=False``).
+        so callers never branch on it (``--disable-progress-bar``, ``show_progress=False``). Also
+        disabled when stderr is not a terminal.
     transient
         Remove the bars when the block ends (bars nested in a longer run).
     elapsed
@@ -39,7 +40,12 @@ def progress_bar(show: bool = True, *, transient: bool = False, elapsed: bool = 
     if elapsed:
         columns.append(TimeElapsedColumn())
     columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=Console(stderr=True), disable=not show, transient=transient)
+    console = Console(stderr=True)
+    # bars only in a terminal: redirected (nohup, SLURM, a log file) they would leave escape codes and
+    # empty lines; the stages print plain lines for what matters there (training: one per epoch)
+    return Progress(
+        *columns, console=console, disable=not (show and console.is_terminal), transient=transient
+    )
 
 
 def track(items: Iterable[Item], description: str, *, show: bool = True) -> Iterator[Item]:

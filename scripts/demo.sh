@@ -20,6 +20,11 @@
 #   DEMO_NP                          worker processes of plan / evaluate
 #   DEMO_NUM_WORKERS                 augmentation worker processes of mipseg_train (0)
 #   DEMO_REPORT                      where the final table is also written as JSON
+#   DEMO_FRESH=1                     start over instead of continuing where an earlier run stopped
+#
+# Resumable: every finished command is recorded in $MIPSEG_RESULTS/demo_done.txt and skipped when the
+# demo is run again with the same settings; the command that was interrupted is re-run with --continue
+# (the tools that have it), so Ctrl-C and `make demo` again continue where it stopped.
 set -euo pipefail
 
 VESSEL_ID=${DEMO_VESSEL_ID:-900}
@@ -43,6 +48,19 @@ SCHEDULE=(--epochs "$EPOCHS" --iters-per-epoch "$ITERS" --val-iters "$VAL_ITERS"
 # In-process augmentation: on 2 cores, worker processes cost more (each imports torch) than they save.
 WORKERS=(--num-workers "${DEMO_NUM_WORKERS:-0}")
 
+RESULTS_ROOT=$(python -c "from mipseg import paths; print(paths.results_root())")
+DONE_FILE="$RESULTS_ROOT/demo_done.txt"
+mkdir -p "$RESULTS_ROOT"
+[[ ${DEMO_FRESH:-0} == 1 ]] && rm -f "$DONE_FILE"
+touch "$DONE_FILE"
+if [[ -s $DONE_FILE ]]; then
+	printf 'continuing the demo: %d finished commands of an earlier run are skipped (DEMO_FRESH=1 starts over)\n' \
+		"$(grep -c '^done' "$DONE_FILE")"
+fi
+printf 'The demo takes about 8-9 min on 2 idle CPU cores (measured from a fresh clone; 2-5x that on a busy\n'
+printf 'machine). Ctrl-C stops it; run make demo again to continue where it stopped.\n'
+trap 'printf "\ninterrupted; run make demo again to continue where it stopped\n"; exit 130' INT
+
 DEMO_START=$(date +%s.%N)
 TIMINGS=$(mktemp)
 CPU_SNAPSHOT=$(mktemp)
@@ -59,13 +77,27 @@ cpu_seconds_of_snapshot() { # user + sys CPU seconds of every finished child, fr
 	awk 'NR == 2 { n = split($0, t, " "); s = 0; for (i = 1; i <= n; i++) { split(t[i], ms, /m|s/); s += ms[1] * 60 + ms[2] } print s }' "$CPU_SNAPSHOT"
 }
 
-run() { # run COMMAND...: print it, run it, print its wall and CPU time
-	printf '\033[36m$ %s\033[0m\n' "$*"
+RESUMABLE=" mipseg_plan mipseg_pseudolabel mipseg_train mipseg_refine mipseg_propagate mipseg_predict "
+
+run() { # run COMMAND...: print it, run it (skip it if done before, --continue it if cut), print its times
+	local line="$*"
+	if [[ $1 != python ]] && grep -qxF -- "done	$line" "$DONE_FILE"; then # the table: always
+		printf '\033[2m$ %s  (done in an earlier run)\033[0m\n' "$line"
+		return
+	fi
+	local args=("$@")
+	# an interrupted run of this very command: continue it (--init-from and --continue exclude each other)
+	if grep -qxF -- "started	$line" "$DONE_FILE" && [[ $RESUMABLE == *" $1 "* && $line != *--init-from* ]]; then
+		args+=(--continue)
+	fi
+	printf 'started\t%s\n' "$line" >>"$DONE_FILE"
+	printf '\033[36m$ %s\033[0m\n' "${args[*]}"
 	local start cpu_start end cpu_end
 	start=$(date +%s.%N)
 	times >"$CPU_SNAPSHOT" # here, not in $(...): a subshell does not see this shell's children
 	cpu_start=$(cpu_seconds_of_snapshot)
-	"$@"
+	"${args[@]}"
+	printf 'done\t%s\n' "$line" >>"$DONE_FILE"
 	end=$(date +%s.%N)
 	times >"$CPU_SNAPSHOT"
 	cpu_end=$(cpu_seconds_of_snapshot)

@@ -133,3 +133,27 @@ def test_demo_writes_every_stage_output(demo_run: tuple[subprocess.CompletedProc
         for picture in pictures[kind]:
             assert Path(picture).is_file()
             assert picture in finished.stdout.replace("\n", "")
+
+
+def test_demo_says_its_time_and_a_second_run_continues_where_it_stopped(
+    demo_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    finished, root = demo_run
+    assert "The demo takes about" in finished.stdout.splitlines()[0] + finished.stdout.splitlines()[1]
+    # drop the record of the last organ command: a re-run skips everything else and redoes only it
+    done = root / "results" / "demo_done.txt"
+    lines = done.read_text().splitlines()
+    evaluate = max(i for i, line in enumerate(lines) if line.startswith("done\tmipseg_evaluate"))
+    done.write_text("\n".join(lines[:evaluate] + lines[evaluate + 1 :]) + "\n")
+    env = dict(os.environ, **TINY_SETTINGS, MIPSEG_RAW=str(root / "raw"))
+    env.update(MIPSEG_PREPROCESSED=str(root / "preprocessed"), MIPSEG_RESULTS=str(root / "results"))
+    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
+    again = subprocess.run(
+        ["bash", str(DEMO_SCRIPT)], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "continuing the demo" in again.stdout
+    assert again.stdout.count("(done in an earlier run)") >= 20
+    ran = [line for line in again.stdout.splitlines() if line.startswith("\x1b[36m$ ")]
+    assert len(ran) == 2 and "mipseg_evaluate" in ran[0] and "demo_report" in ran[1], ran
+    assert "mipseg demo: Dice" in again.stdout

@@ -154,7 +154,7 @@ def test_vessel_dataset_is_valid_and_matches_its_truth(data_roots):
         assert geometry.spacing_zyx == pytest.approx((2.0, 0.8, 0.8))
         assert any(abs(o) > 1 for o in geometry.origin)
         for axis, png in case.annotations.items():
-            np.testing.assert_array_equal(io.read_png(png), simulate_mip_annotation(image, label, axis))
+            np.testing.assert_array_equal(io.read_png(png), 255 * simulate_mip_annotation(image, label, axis))
     assert not list(folder.parent.glob(".*partial*"))  # the staging folder is gone
 
 
@@ -206,7 +206,7 @@ def test_organ_dataset_has_one_annotated_slice_per_case(data_roots):
         assert geometry.spacing_zyx == pytest.approx((3.0, 1.0, 1.0))
         [(index, png)] = case.annotations.items()
         assert index == int(np.argmax(label.sum((1, 2))))
-        np.testing.assert_array_equal(io.read_png(png), label[index])
+        np.testing.assert_array_equal(io.read_png(png), 255 * label[index])
 
 
 def test_suggested_slices_are_drawn_from_the_truth(data_roots, tmp_path):
@@ -219,7 +219,7 @@ def test_suggested_slices_are_drawn_from_the_truth(data_roots, tmp_path):
     assert annotate_suggested_slices(907, suggestions) == {first.case_id: 7, second.case_id: None}
     first, second = load_dataset(907).cases
     assert list(first.annotations) == [7] and not second.annotations
-    np.testing.assert_array_equal(io.read_png(first.annotations[7]), io.read_image(first.label)[0][7])
+    np.testing.assert_array_equal(io.read_png(first.annotations[7]), 255 * io.read_image(first.label)[0][7])
     spec = io.read_json(first.images[0].parents[1] / "dataset.json")
     assert spec["synthetic"]["slice_choice"] == "suggested"
     with pytest.raises(InputError, match="--suggest first"):

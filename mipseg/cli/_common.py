@@ -22,8 +22,21 @@ SeedOption = Annotated[int, typer.Option("--seed", help="Random seed; the same s
 DeviceOption = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda[:N].")]
 
 
+REDIRECTED_WIDTH = 160  # rich's 80 columns off a terminal cut option names and numbers ("0.54…")
+
+
+def wide_console(stderr: bool = False) -> Console:
+    """A console for tables: the terminal's width, or :data:`REDIRECTED_WIDTH` when redirected."""
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=REDIRECTED_WIDTH)
+
+
 def make_app(help_text: str) -> typer.Typer:
     """A single-command typer app with -h as a help alias and no shell-completion noise."""
+    import typer.rich_utils
+
+    if typer.rich_utils.MAX_WIDTH is None and not Console().is_terminal:  # help piped to less/grep
+        typer.rich_utils.MAX_WIDTH = REDIRECTED_WIDTH
     return typer.Typer(
         help=help_text,
         add_completion=False,

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mipseg.cli._common import DebugOption, make_app, reported_errors
+from mipseg.cli._common import DebugOption, make_app, reported_errors, wide_console
 
 app = make_app(
     "Dice, IoU, precision, recall, clDice, HD95 and ASSD (mm) per case and label; writes an "
@@ -61,12 +60,14 @@ def evaluate(
 ) -> None:
     """Evaluate every prediction in PRED_FOLDER against the file of the same name in GT_FOLDER."""
     from mipseg.errors import InputError
-    from mipseg.evaluation.evaluate import dataset_json_of, evaluate_folders
+    from mipseg.evaluation.evaluate import dataset_json_of, evaluate_folders, label_names
 
     with reported_errors(debug):
         if dataset is not None and dataset_json is not None:
             raise InputError("give either -d/--dataset or --dataset-json, not both")
         labels = _labels_with_extra_arguments(labels, context.args)
+        if dataset is not None:
+            dataset_json = dataset_json_of(dataset)
         summary = evaluate_folders(
             gt_folder,
             pred_folder,
@@ -75,12 +76,12 @@ def evaluate(
             output=output,
             num_processes=num_processes,
             file_ending=file_ending,
-            dataset_json=dataset_json_of(dataset) if dataset is not None else dataset_json,
+            dataset_json=dataset_json,
             strict=strict,
         )
-    console = Console()
-    console.print(summary_table(summary))
-    console.print(f"summary written to {summary['summary_file']}", highlight=False)
+    console = wide_console()
+    console.print(summary_table(summary, label_names(dataset_json)))
+    console.print(f"summary written to {summary['summary_file']}", highlight=False, soft_wrap=True)
 
 
 def _labels_with_extra_arguments(labels: list[int] | None, extra: list[str]) -> list[int] | None:
@@ -94,15 +95,16 @@ def _labels_with_extra_arguments(labels: list[int] | None, extra: list[str]) -> 
     return [*labels, *(int(value) for value in extra)]
 
 
-def summary_table(summary: dict[str, Any]) -> Table:
-    """Rich table: one row per label (mean over cases) and one for the foreground mean."""
+def summary_table(summary: dict[str, Any], names: dict[str, str] | None = None) -> Table:
+    """Rich table: one row per label (mean over cases, named as in dataset.json) and the foreground mean."""
     cases = len(summary["metric_per_case"])
     table = Table(title=f"mean over {cases} case{'s' * (cases != 1)} (HD95, ASSD in mm)")
     table.add_column("label", no_wrap=True)
     for name in TABLE_METRICS:
         table.add_column(name, justify="right")
     for label, values in summary["mean"].items():
-        table.add_row(label, *(_format(values[name]) for name in TABLE_METRICS))
+        row = f"{names[label]} ({label})" if names and label in names else label
+        table.add_row(row, *(_format(values[name]) for name in TABLE_METRICS))
     if summary["foreground_mean"]:
         table.add_row(
             "foreground mean",

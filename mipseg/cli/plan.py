@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from mipseg.cli._common import DatasetOption, DebugOption, make_app, reported_errors
+from mipseg.cli._common import DatasetOption, DebugOption, make_app, reported_errors, wide_console
 
 app = make_app(
     "Plan and preprocess a raw dataset (as nnUNetv2_plan_and_preprocess) and write the MIPs to annotate."
@@ -58,7 +57,7 @@ def plan(
             preprocess=not no_preprocess,
             foreground=foreground,
         )
-    Console().print(plans_table(plans))
+    wide_console().print(plans_table(plans))
 
 
 def main() -> None:

@@ -33,10 +33,11 @@ def predict(
         typer.Option("--labels", help="Label set the model was trained on; default: the only one."),
     ] = None,
     trainer: Annotated[
-        str | None, typer.Option("--trainer", help="Trainer name; default: mip for MIP datasets, else plain.")
+        str | None,
+        typer.Option("-tr", "--trainer", help="Trainer name; default: mip for MIP datasets, else plain."),
     ] = None,
     checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="Which checkpoint: best, final or latest.")
+        str, typer.Option("-chk", "--checkpoint", help="best, final or latest (or checkpoint_final.pth).")
     ] = "final",
     step_size: Annotated[
         float, typer.Option("--step-size", help="Sliding-window step as a fraction of the patch.")

@@ -81,7 +81,7 @@ def pseudolabel(
         folder = make_pseudo_labels(
             dataset, name, settings=settings, resume=resume, num_processes=num_processes
         )
-    Console().print(f"label set written to {folder}")
+    Console().print(f"label set written to {folder}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -56,12 +56,13 @@ def refine(
     trainer: Annotated[
         str,
         typer.Option(
+            "-tr",
             "--trainer",
             help="Trainer whose fold models are used; auto = mip for MIP-annotated datasets, else plain.",
         ),
     ] = "auto",
     checkpoint: Annotated[
-        str, typer.Option("--checkpoint", help="final (uses the exported validation) or best.")
+        str, typer.Option("-chk", "--checkpoint", help="final (uses the exported validation) or best.")
     ] = "final",
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
@@ -88,7 +89,7 @@ def refine(
             seed=seed,
         )
         folder = refine_labelset(dataset, labels, name, settings=settings, device=device, resume=resume)
-    Console().print(f"label set written to {folder}")
+    Console().print(f"label set written to {folder}", highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ def train(
     trainer: Annotated[
         str,
         typer.Option(
+            "-tr",
             "--trainer",
             help="Network + loss: plain, mip (projection losses + 2D MIP branch), or auto "
             "(mip when dataset.json's annotation is 'mip', else plain).",
@@ -87,6 +88,9 @@ def train(
         bool, typer.Option("--mip-branch/--no-mip-branch", help="mip trainer: build the 2D MIP branch.")
     ] = True,
     seed: SeedOption = 0,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No bars, no per-epoch lines (training_log.txt has them).")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Train fold -f of dataset -d on label set --labels."""
@@ -116,6 +120,7 @@ def train(
             resume=resume,
             init_from=init_from,
             mip_settings=MipSettings(mip_3d_weight, mip_2d_weight, mip_branch, mip_projection),
+            show_progress=not quiet,
         )
     if os.environ.get("RANK", "0") == "0":  # under torchrun only the first process reports
         Console().print(f"model written to {fold_dir}", highlight=False, soft_wrap=True)

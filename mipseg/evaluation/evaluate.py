@@ -51,6 +51,14 @@ def dataset_json_of(dataset: str | int) -> Path:
     return paths.raw_dataset_dir(dataset) / "dataset.json"
 
 
+def label_names(dataset_json: str | Path | None) -> dict[str, str]:
+    """Label value (as the summary's string key) -> class name from a dataset.json; empty without one."""
+    if dataset_json is None or not Path(dataset_json).is_file():
+        return {}
+    labels = io.read_json(dataset_json).get("labels", {})
+    return {str(value): name for name, value in labels.items() if isinstance(value, int)}
+
+
 def label_settings(
     *,
     labels: Sequence[int] | None = None,
@@ -209,6 +217,8 @@ def evaluate_folders(
         ``{"metric_per_case": [...], "mean": {label: {...}}, "foreground_mean": {...},
         "summary_file": str}``; label keys are strings as in the written JSON.
     """
+    if num_processes is not None and num_processes < 1:  # 0 or -1 would fall back silently
+        raise InputError(f"-np must be at least 1, got {num_processes}")
     settings = label_settings(
         labels=labels, ignore_label=ignore_label, file_ending=file_ending, dataset_json=dataset_json
     )

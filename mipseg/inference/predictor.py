@@ -30,6 +30,7 @@ from mipseg.planning.preprocessing import preprocess_case, revert_preprocessing
 from mipseg.sliding_window import mirror_combinations, number_of_tiles, sliding_window_logits
 from mipseg.training.checkpoint import (
     CHECKPOINT_KINDS,
+    checkpoint_kind,
     checkpoint_path,
     load_checkpoint,
     network_from_checkpoint,
@@ -113,6 +114,7 @@ def find_folds(
     ``folds=None`` takes every ``fold_*`` folder holding ``checkpoint_{checkpoint}.pt`` except
     ``fold_all`` (unless it is the only one); given folds must all have it.
     """
+    checkpoint = checkpoint_kind(checkpoint)  # nnU-Net's -chk checkpoint_final.pth too
     if checkpoint not in CHECKPOINT_KINDS:
         raise InputError(f"--checkpoint {checkpoint}: expected one of {', '.join(CHECKPOINT_KINDS)}")
     if folds is None:
@@ -232,6 +234,7 @@ class Predictor:
         plans = load_plans(model_dir / "plans.json")
         dataset_json = io.read_json(model_dir / "dataset.json")
         networks, mirror_axes = [], DEFAULT_MIRROR_AXES
+        checkpoint = checkpoint_kind(checkpoint)
         for index, fold in enumerate(find_folds(model_dir, checkpoint, folds)):
             loaded = load_checkpoint(checkpoint_path(model_dir / f"fold_{fold}", checkpoint))
             if index == 0 and loaded.get("mirror_axes") is not None:

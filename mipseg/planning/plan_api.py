@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from mipseg import io, paths
+from mipseg.errors import InputError
 from mipseg.labelset import LabelSet
 from mipseg.planning.fingerprint import extract_fingerprint
 from mipseg.planning.mip import write_case_mips
@@ -73,6 +74,8 @@ def plan_and_preprocess(
     """
     from mipseg.dataset import load_dataset
 
+    if num_processes < 1:
+        raise InputError(f"-np must be at least 1, got {num_processes}")
     budget = resolve_budget(device, gpu_memory_gb)  # bad flags fail before any work
     # headers only: the fingerprint reads every voxel anyway, and reports unreadable files by name
     loaded = load_dataset(dataset, read_voxels=False)
@@ -128,9 +131,11 @@ def write_splits(case_ids: list[str], path: Path) -> list[dict]:
 def write_mips(loaded, plans: Plans, out_dir: Path, *, num_processes: int, resume: bool) -> None:
     """MIP PNGs, depth maps and a side-by-side review PNG per training case (raw grid, channel 0).
 
-    Axes: ``plans.mip_axes`` in mip mode; datasets without a MIP mode get all three axes for
-    review only.
+    Axes: ``plans.mip_axes`` in mip mode; dense datasets get all three axes for review only;
+    slice-annotated datasets (organs drawn on a slice, where a projection shows nothing) get none.
     """
+    if loaded.spec.annotation == "slice":
+        return
     axes = plans.mip_axes or [0, 1, 2]
     tasks = [
         (str(case.images[0]), axes, str(out_dir), case.case_id)

@@ -39,7 +39,12 @@ from mipseg.propagation.propagate import (
     predict_flows,
     propagate_slices,
 )
-from mipseg.propagation.slice_selection import CENTRAL_FRACTION, slice_picture, suggest_slice
+from mipseg.propagation.slice_selection import (
+    CENTRAL_FRACTION,
+    ct_slice_picture,
+    slice_picture,
+    suggest_slice,
+)
 from mipseg.propagation.train_flow import (
     FlowTrainingSettings,
     flow_model_dir,
@@ -137,7 +142,10 @@ def suggest_slices(
             volume = load_normalized_image(case.images[0])
             index, errors = suggest_slice(model, volume, torch_device)
             picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
-            io.write_png(slice_picture(volume, index), picture)
+            if loaded.spec.channel_names.get("0", "").upper() == "CT":  # Hounsfield units: a fixed window
+                io.write_png(ct_slice_picture(io.read_image(case.images[0])[0][index]), picture)
+            else:
+                io.write_png(slice_picture(volume, index), picture)
             suggestions[case.case_id] = {
                 "slice": index,
                 "axis": 0,
@@ -229,7 +237,8 @@ def propagate_dataset(
         )
         for case in todo:
             writer.add_case(
-                case.case_id, propagate_case(loaded, case, settings, labelset.folder, model, torch_device)
+                case.case_id,
+                propagate_case(loaded, case, settings, writer.target.folder, model, torch_device),
             )
             bar.advance(task)
     writer.close(case.case_id for case in annotated)  # drops cases no longer annotated

@@ -101,3 +101,16 @@ def suggest_slice(
 def slice_picture(volume: np.ndarray, index: int) -> np.ndarray:
     """Slice ``index`` of a normalised volume as a uint8 ``(rows, columns)`` picture for the annotator."""
     return np.round(np.clip(volume[index], 0.0, 1.0) * 255).astype(np.uint8)
+
+
+CT_SOFT_TISSUE_WINDOW = (40.0, 400.0)  # level, width in HU: the radiologists' abdomen window
+
+
+def ct_slice_picture(hounsfield: np.ndarray) -> np.ndarray:
+    """A CT slice in the soft-tissue window (HU -160..240) as uint8: the liver stands out from fat and muscle.
+
+    The percentile scaling of :func:`slice_picture` spans air to bone on CT and leaves organs a flat grey.
+    """
+    level, width = CT_SOFT_TISSUE_WINDOW
+    scaled = (np.asarray(hounsfield, dtype=np.float64) - (level - width / 2)) / width
+    return np.round(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)

@@ -35,8 +35,10 @@ from mipseg.pseudolabel import mip_backprojection as bp
 
 DEFAULT_NAME = "pseudo"
 # QC colours (RGB): S_1 seen on annotated pixels, and S_1 leaking onto pixels nobody annotated.
-QC_ANNOTATED = np.array([230, 30, 30], dtype=np.float32)
-QC_LEAK = np.array([255, 210, 0], dtype=np.float32)
+# the colours of every agreement picture (demo_report.overlay too): green agrees, yellow extra, red missed
+QC_ANNOTATED = np.array([0, 200, 0], dtype=np.float32)
+QC_LEAK = np.array([240, 220, 0], dtype=np.float32)
+QC_MISSED = np.array([230, 0, 0], dtype=np.float32)
 QC_ALPHA = 0.6
 
 
@@ -131,7 +133,7 @@ def make_pseudo_labels(
         case_files=lambda case_id: _case_files(labelset, case_id, axes),
     )
     jobs = [
-        (loaded, case, axes, settings, labelset.folder)
+        (loaded, case, axes, settings, writer.target.folder)  # beside a finished set until close
         for case in loaded.cases
         if not writer.finished(case.case_id)
     ]
@@ -254,7 +256,7 @@ def load_depth_map(
 
 
 def qc_overlay(mip: np.ndarray, foreground_projection: np.ndarray, annotation: np.ndarray) -> np.ndarray:
-    """RGB QC picture: grey MIP; S_1 in red where annotated, in yellow where it leaks off the annotation.
+    """RGB QC picture: grey MIP; S_1 green where annotated, yellow off the annotation, red: drawn, not in S_1.
 
     Parameters
     ----------
@@ -269,6 +271,7 @@ def qc_overlay(mip: np.ndarray, foreground_projection: np.ndarray, annotation: n
     for mask, colour in (
         (foreground_projection & annotation, QC_ANNOTATED),
         (foreground_projection & ~annotation, QC_LEAK),
+        (~foreground_projection & annotation, QC_MISSED),
     ):
         rgb[mask] = (1 - QC_ALPHA) * rgb[mask] + QC_ALPHA * colour
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)

@@ -193,7 +193,7 @@ def refine_labelset(
                 model,
                 data_dir=preprocessed / "data",
                 source=source,
-                output=labelset,
+                output=writer.target,  # beside a finished set until close
                 settings=settings,
                 device=torch_device,
             )

@@ -159,13 +159,18 @@ def _write_annotations(
                     f"case {case_id}: no vessel is visible in the MIP along axis {axis} at shape "
                     f"{list(image.shape)}; use a larger --shape"
                 )
-            io.write_png(mask, folder / f"{case_id}_mip{axis}.png")
+            io.write_png(_viewable(mask), folder / f"{case_id}_mip{axis}.png")
         return
     try:
         index, mask = simulate_slice_annotation(label, slice_choice)
     except InputError as error:
         raise InputError([f"case {case_id}: {problem}" for problem in error.problems]) from None
-    io.write_png(mask, folder / f"{case_id}_slice{index}.png")
+    io.write_png(_viewable(mask), folder / f"{case_id}_slice{index}.png")
+
+
+def _viewable(mask: np.ndarray) -> np.ndarray:
+    """A one-class drawing saved as 255 (white in any viewer; the annotation reader maps it to class 1)."""
+    return (mask > 0).astype(np.uint8) * 255 if mask.max(initial=0) <= 1 else mask
 
 
 def _dataset_json(
@@ -290,7 +295,9 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
         if not label[index].any():
             drawn[case_id] = None
             continue
-        io.write_png(label[index].astype(np.uint8), folder / "annotationsTr" / f"{case_id}_slice{index}.png")
+        io.write_png(
+            _viewable(label[index].astype(np.uint8)), folder / "annotationsTr" / f"{case_id}_slice{index}.png"
+        )
         drawn[case_id] = index
     spec = io.read_json(folder / "dataset.json")
     if isinstance(spec.get("synthetic"), dict):  # keep the record of how the drawings were made true

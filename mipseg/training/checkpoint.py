@@ -42,6 +42,12 @@ CHECKPOINT_KINDS = ("final", "latest", "best")
 REQUIRED_KEYS = ("network_weights", "epoch", "trainer", "labelset", "plans", "dataset_json", "dropout")
 
 
+def checkpoint_kind(name: str) -> str:
+    """``final``/``latest``/``best`` from itself or nnU-Net's spelling (``-chk checkpoint_final.pth``)."""
+    stem = name.removesuffix(".pth").removesuffix(".pt")
+    return stem.removeprefix("checkpoint_") if stem.removeprefix("checkpoint_") in CHECKPOINT_KINDS else name
+
+
 def checkpoint_path(fold_dir: str | Path, kind: str) -> Path:
     """``fold_dir/checkpoint_{kind}.pt`` for kind in ``final``, ``latest``, ``best``."""
     if kind not in CHECKPOINT_KINDS:

@@ -44,7 +44,13 @@ from mipseg.training.trainer_registry import (
     mip_trainer,
     resolve_trainer_name,
 )
-from mipseg.training.training_log import PLOT_INTERVAL_S, log_line, plot_progress
+from mipseg.training.training_log import (
+    PLOT_INTERVAL_S,
+    epoch_summary,
+    foreground_names,
+    log_line,
+    plot_progress,
+)
 from mipseg.training.validation import export_validation
 
 
@@ -183,6 +189,14 @@ def _prepare_mip(inputs: FoldInputs, settings: MipSettings) -> tuple[TrainerComp
     return mip_trainer(settings, axes), axes
 
 
+def _checkpoint_to_resume(fold_dir: Path) -> dict[str, Any] | None:
+    """``checkpoint_latest`` (an unfinished run, newer than any final) or else ``checkpoint_final``."""
+    for kind in ("latest", "final"):
+        if ckpt.checkpoint_path(fold_dir, kind).is_file():
+            return ckpt.load_checkpoint(ckpt.checkpoint_path(fold_dir, kind))
+    return None
+
+
 def _checkpoint(state: TrainingState, extra: dict[str, Any]) -> dict[str, Any]:
     """The checkpoint dict; a MIP training network stores only its 3D U-Net as ``network_weights``."""
     return split_checkpoint(unwrap(state.network), state_to_checkpoint(state, extra))
@@ -212,25 +226,30 @@ def _train(
     model_dir = paths.model_dir(inputs.dataset_name, components.name, labels)
     fold_dir = model_dir / f"fold_{fold}"
     log_path = fold_dir / "training_log.txt"
-    resume_from = None
-    if resume:
-        for kind in ("final", "latest"):
-            if ckpt.checkpoint_path(fold_dir, kind).is_file():
-                resume_from = ckpt.load_checkpoint(ckpt.checkpoint_path(fold_dir, kind))
-                break
-        if resume_from is not None:
-            stored = TrainingConfig(**resume_from["config"])
-            # the run's settings come from the checkpoint; these may change when resuming
-            overrides = {k: getattr(config, k) for k in ("epochs", "iters_per_epoch", "num_workers")}
-            overrides = {k: v for k, v in overrides.items() if v is not None}
-            config = TrainingConfig(**{**stored.to_json(), **overrides, "device": config.device})
-            if resume_from.get("mip_settings"):
-                mip_settings = MipSettings(**resume_from["mip_settings"])
+    resume_from = _checkpoint_to_resume(fold_dir) if resume else None
+    if resume_from is not None:
+        stored = TrainingConfig(**resume_from["config"])
+        # the run's settings come from the checkpoint; these may change when resuming
+        overrides = {k: getattr(config, k) for k in ("epochs", "iters_per_epoch", "num_workers")}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        config = TrainingConfig(**{**stored.to_json(), **overrides, "device": config.device})
+        if resume_from.get("mip_settings"):
+            mip_settings = MipSettings(**resume_from["mip_settings"])
     config = resolve_defaults(config, device)
     mip_axes: tuple[int, ...] = ()
     if components.name == "mip":
         mip_settings = mip_settings or MipSettings()
         components, mip_axes = _prepare_mip(inputs, mip_settings)
+    seed_everything(config.seed + context.rank)
+    num_classes, channels = inputs.spec.num_classes, inputs.plans.num_channels
+    network = components.build_network(inputs.plans, channels, num_classes, True, config.dropout)
+    # every input is checked before the fold folder is touched: a bad --init-from loses nothing
+    skipped = (
+        load_init_weights(getattr(network, "network3d", network), Path(init_from)) if init_from else None
+    )
+    state = make_state(network, config, device)
+    if resume_from is not None:
+        _restore(state, resume_from)
     if context.is_main:
         fold_dir.mkdir(parents=True, exist_ok=True)
         inputs.plans.save(model_dir / "plans.json")
@@ -238,24 +257,17 @@ def _train(
         if resume and resume_from is None:
             log_line(log_path, "--continue: no checkpoint found, starting from scratch")
         if resume_from is None:
-            # a fresh run replaces an earlier one: its final/latest must not be resumed by mistake
-            for kind in ("final", "latest"):
-                ckpt.checkpoint_path(fold_dir, kind).unlink(missing_ok=True)
+            # a fresh run trains beside the finished model: checkpoint_final.pt stays until the new one
+            # replaces it (atomically, at the end); only an unfinished run's checkpoint_latest goes,
+            # so that --continue never resumes it by mistake
+            ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
             log_line(log_path, f"training {components.name} on label set {labels!r}, fold {fold}: {config}")
-    seed_everything(config.seed + context.rank)
-    num_classes, channels = inputs.spec.num_classes, inputs.plans.num_channels
-    network = components.build_network(inputs.plans, channels, num_classes, True, config.dropout)
-    if init_from is not None:
-        skipped = load_init_weights(getattr(network, "network3d", network), Path(init_from))
-        if context.is_main:
+        if skipped is not None:
             log_line(
                 log_path,
                 f"initialised from {init_from}" + (f" (new seg heads: {skipped})" if skipped else ""),
             )
-    state = make_state(network, config, device)
-    if resume_from is not None:
-        _restore(state, resume_from)
-        if context.is_main:
+        if resume_from is not None:
             log_line(log_path, f"resumed at epoch {state.epoch}")
     if context.enabled:
         state.network = nn.parallel.DistributedDataParallel(
@@ -281,10 +293,11 @@ def _train(
         _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, show_progress, mip_axes)
     if context.is_main:
         final = ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "final"))
-        ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
         log_line(log_path, f"training done after {state.epoch} epochs: {final.name}")
         if fold != "all":
             _final_validation(state, inputs, fold_dir, device, log_path, show_progress)
+        # the run is complete only now: until here checkpoint_latest makes --continue redo the export
+        ckpt.checkpoint_path(fold_dir, "latest").unlink(missing_ok=True)
     ddp.barrier(context)
     return fold_dir
 
@@ -299,6 +312,7 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, sh
         ),
         progress_bar(show_progress and context.is_main, transient=True) as bar,
     ):
+        session_epochs = state.epoch  # the ETA averages the epochs of this session only
         epochs = bar.add_task("epochs", total=config.epochs, completed=state.epoch)
         iterations = bar.add_task("iterations", total=config.iters_per_epoch)
         try:
@@ -319,16 +333,28 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, sh
                 bar.update(epochs, completed=state.epoch)
                 if context.is_main:
                     _after_epoch(state, result, extra, fold_dir, log_path)
+                    if show_progress:  # above the bars in a terminal, one plain line each when redirected
+                        print(_summary(state, result, extra, session_epochs), flush=True)
                     # plotting takes about a second on CPU: at most every PLOT_INTERVAL_S, and at the end
                     if time.time() - plotted_at > PLOT_INTERVAL_S or state.epoch >= config.epochs:
                         plot_progress(state.log, fold_dir / "progress.png")
                         plotted_at = time.time()
         except KeyboardInterrupt:
             if context.is_main:
-                plot_progress(state.log, fold_dir / "progress.png")
                 ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
                 log_line(log_path, f"interrupted during epoch {state.epoch}; checkpoint_latest written")
+                # the picture last: Ctrl-C during matplotlib's first import leaves it half-imported
+                with contextlib.suppress(Exception):
+                    plot_progress(state.log, fold_dir / "progress.png")
             raise
+
+
+def _summary(state: TrainingState, result: dict[str, Any], extra, session_start: int) -> str:
+    """The epoch's console line; ETA = epochs left x mean epoch time of this session."""
+    times = state.log.epoch_time[session_start:]
+    eta = (state.config.epochs - state.epoch) * sum(times) / max(len(times), 1)
+    names = foreground_names(extra["dataset_json"]["labels"])
+    return epoch_summary(result, state.config.epochs, names, eta)
 
 
 def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: Path, log_path: Path) -> None:
@@ -343,7 +369,8 @@ def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: 
         ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "best"))
         log_line(log_path, f"new best EMA pseudo Dice {result['ema']:.4f}: checkpoint_best written")
     last = state.epoch >= state.config.epochs
-    if state.epoch % state.config.save_every == 0 and not last:
+    # after the last epoch too: an interruption during the final export resumes without retraining
+    if state.epoch % state.config.save_every == 0 or last:
         ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "latest"))
 
 

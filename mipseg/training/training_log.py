@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +17,32 @@ def log_line(path: Path, message: str) -> None:
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     with open(path, "a") as handle:
         handle.write(f"{stamp}: {message}\n")
+
+
+def epoch_summary(result: dict[str, Any], epochs: int, class_names: list[str], eta_s: float) -> str:
+    """The line printed after each epoch (plain text: the same in a terminal and in a redirected file).
+
+    ``epoch 3/100 train_loss 0.4123 val_loss 0.3981 pseudo_dice vessel=0.6123 ema 0.5512 lr 0.009730
+    time 12.3s eta 0:19:52``: ``key value`` pairs, per-class Dice as ``name=value``.
+    """
+    if len(class_names) != len(result["pseudo_dice"]):  # label regions etc.: number the classes
+        class_names = [str(index + 1) for index in range(len(result["pseudo_dice"]))]
+    dice = " ".join(f"{name}={value:.4f}" for name, value in zip(class_names, result["pseudo_dice"]))
+    eta = datetime.timedelta(seconds=round(max(eta_s, 0.0)))
+    return (
+        f"epoch {result['epoch'] + 1}/{epochs} train_loss {result['train_loss']:.4f} "
+        f"val_loss {result['val_loss']:.4f} pseudo_dice {dice} ema {result['ema']:.4f} "
+        f"lr {result['lr']:.6f} time {result['time']:.1f}s eta {eta}"
+    )
+
+
+def foreground_names(labels: dict[str, int]) -> list[str]:
+    """dataset.json's class names in label order, without background and ``ignore``."""
+    return [
+        name
+        for name, value in sorted(labels.items(), key=lambda item: item[1])
+        if value != 0 and name != "ignore"
+    ]
 
 
 PLOT_INTERVAL_S = 30.0

@@ -1,0 +1,281 @@
+"""Nothing finished is lost: bad input, a fresh run, Ctrl-C or a kill never destroy a finished model,
+label set or prediction, and ``--continue`` completes the rest. Also: training's per-epoch line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _training_helpers import tiny_plans, write_tiny_dataset
+
+from mipseg import io
+from mipseg.errors import InputError
+from mipseg.inference.predict_api import PredictionSettings, predict_folder
+from mipseg.training import checkpoint as ckpt
+from mipseg.training import train_api
+from mipseg.training.loop import TrainingConfig
+from mipseg.training.train_api import train_fold
+
+torch.set_num_threads(1)
+BIN = Path(sys.executable).parent
+RESAMPLING = {
+    "data_order": 3,
+    "data_order_z": 0,
+    "seg_order": 1,
+    "seg_order_z": 0,
+    "probabilities_order": 1,
+    "probabilities_order_z": 0,
+    "separate_z_anisotropy_threshold": 3.0,
+}
+QUICK = [
+    "--epochs",
+    "2",
+    "--iters-per-epoch",
+    "1",
+    "--val-iters",
+    "1",
+    "--num-workers",
+    "0",
+    "--device",
+    "cpu",
+]
+
+
+def _config(**overrides) -> TrainingConfig:
+    values = dict(epochs=1, iters_per_epoch=1, val_iters=1, num_workers=0, device="cpu")
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file below ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture
+def trained(data_roots) -> tuple[str, Path]:
+    """A tiny dataset with fold 0 trained (1 epoch of 1 iteration); returns (name, fold_0)."""
+    plans = tiny_plans()
+    plans.resampling = dict(RESAMPLING)  # prediction resamples (the identity here)
+    name = write_tiny_dataset(data_roots, num_cases=3, plans=plans)
+    return name, train_fold(name, 0, config=_config(), show_progress=False)
+
+
+def test_bad_init_from_leaves_the_fold_byte_identical(trained, tmp_path: Path) -> None:
+    name, fold_dir = trained
+    before = _snapshot(fold_dir.parent)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    for init_from in (tmp_path / "nothere.pt", garbage):
+        with pytest.raises(InputError, match="checkpoint"):
+            train_fold(name, 0, config=_config(), init_from=init_from, show_progress=False)
+    assert _snapshot(fold_dir.parent) == before
+
+
+def test_fresh_run_interrupted_at_once_keeps_the_old_model_usable(trained, data_roots, monkeypatch) -> None:
+    name, fold_dir = trained
+    final = fold_dir / "checkpoint_final.pt"
+    before = final.read_bytes()
+    real_run_epoch = train_api.run_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_api, "run_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(name, 0, config=_config(epochs=3), show_progress=False)
+    assert final.read_bytes() == before
+    # the unfinished run is what --continue resumes, not the finished one
+    assert ckpt.load_checkpoint(fold_dir / "checkpoint_latest.pt")["config"]["epochs"] == 3
+    written = predict_folder(
+        data_roots["raw"] / name / "imagesTr",
+        data_roots["raw"] / "predicted",
+        name,
+        settings=PredictionSettings(folds=(0,), tta=False),
+        device="cpu",
+        show_progress=False,
+    )
+    assert len(written) == 3 and all(p.is_file() for p in written)
+    monkeypatch.setattr(train_api, "run_epoch", real_run_epoch)
+    train_fold(name, 0, config=_config(epochs=None), resume=True, show_progress=False)
+    finished = ckpt.load_checkpoint(final)
+    assert finished["epoch"] == 3 and not (fold_dir / "checkpoint_latest.pt").exists()
+
+
+EPOCH_LINE = re.compile(
+    r"^epoch (\d+)/(\d+) train_loss (-?[\d.]+) val_loss (-?[\d.]+) pseudo_dice vessel=([\d.]+|nan) "
+    r"ema ([\d.]+|nan) lr ([\d.]+) time ([\d.]+)s eta (\d+:\d\d:\d\d)$"
+)
+
+
+def test_redirected_training_output_has_one_parsable_line_per_epoch(data_roots, tmp_path: Path) -> None:
+    name = write_tiny_dataset(data_roots, num_cases=3)
+    log = tmp_path / "train.out"
+    with open(log, "w") as handle:
+        subprocess.run(
+            [str(BIN / "mipseg_train"), "-d", name, "-f", "0", "-tr", "plain", *QUICK],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+            check=True,
+        )
+    text = log.read_text()
+    assert "\x1b" not in text  # no escape codes in a file
+    lines = [m for m in map(EPOCH_LINE.match, text.splitlines()) if m]
+    assert [(m[1], m[2]) for m in lines] == [("1", "2"), ("2", "2")]
+    assert all(float(m[3]) > 0 and 0 <= float(m[5]) <= 1 for m in lines)
+    assert lines[-1][9] == "0:00:00"  # nothing left after the last epoch
+    quiet = subprocess.run(
+        [str(BIN / "mipseg_train"), "-d", name, "-f", "1", "--quiet", *QUICK],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        check=True,
+    )
+    assert "epoch" not in quiet.stdout + quiet.stderr
+
+
+# --- kill tests: SIGINT and SIGKILL at seeded points, then --continue ------------------------------
+
+
+def _run_until(command: list[str], ready, sig: int, timeout: float = 120.0) -> int:
+    """Start ``command``, send ``sig`` as soon as ``ready()`` holds (polled every 20 ms); its exit code.
+
+    The point is "random" but reproducible: the first moment a given file appears.
+    """
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if process.poll() is None:
+        process.send_signal(sig)
+    _, stderr = process.communicate(timeout=timeout)
+    assert process.returncode != 0, f"{command[0]} finished before it was killed; stderr: {stderr[-500:]}"
+    if process.returncode not in (130, -signal.SIGKILL):
+        raise AssertionError(stderr.decode()[-3000:])
+    return process.returncode
+
+
+def _no_partials(folder: Path) -> bool:
+    return not any(".partial-" in p.name for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_train_killed_keeps_the_finished_model_and_continue_completes(trained, sig) -> None:
+    name, fold_dir = trained
+    final = fold_dir / "checkpoint_final.pt"
+    before = final.read_bytes()
+    latest = fold_dir / "checkpoint_latest.pt"
+    command = [str(BIN / "mipseg_train"), "-d", name, "-f", "0", "--quiet", *QUICK, "--save-every", "1"]
+    command[command.index("--epochs") + 1] = "30"
+    code = _run_until(command, latest.is_file, sig)
+    assert code == (130 if sig == signal.SIGINT else -signal.SIGKILL), code
+    assert final.read_bytes() == before  # the finished model is untouched and still loads
+    assert ckpt.load_checkpoint(final)["epoch"] == 1
+    resumed = ckpt.load_checkpoint(latest)
+    assert 1 <= resumed["epoch"] < 30 and resumed["config"]["epochs"] == 30
+    subprocess.run([*command, "--continue", "--epochs", "3"], env=_env(), check=True, capture_output=True)
+    done = ckpt.load_checkpoint(final)
+    assert done["config"]["epochs"] == 3 and done["epoch"] >= resumed["epoch"]
+    assert not latest.exists() and _no_partials(fold_dir)
+
+
+def test_predict_killed_keeps_finished_cases_and_continue_completes(trained, data_roots) -> None:
+    name, _ = trained
+    images, output = data_roots["raw"] / name / "imagesTr", data_roots["raw"] / "predicted"
+    command = [str(BIN / "mipseg_predict"), "-i", str(images), "-o", str(output), "-d", name]
+    command += ["-f", "0", "--disable-tta", "--device", "cpu", "--disable-progress-bar"]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    before = _snapshot(output)
+    # a second run over the same folder, killed once it has rewritten its run files
+    args = output / "predict_args.json"
+    stamp = args.stat().st_mtime_ns
+    _run_until(command, lambda: args.stat().st_mtime_ns != stamp, signal.SIGKILL)
+    for case in ("case_000", "case_001", "case_002"):  # each case is the old or the new file, whole
+        label, _ = io.read_image(output / f"{case}.nii.gz")
+        assert label.shape == (16, 40, 40)
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    after = _snapshot(output)
+    assert {k for k in after if k.endswith(".nii.gz")} == {k for k in before if k.endswith(".nii.gz")}
+    assert _no_partials(output)
+
+
+@pytest.fixture
+def organs(data_roots) -> str:
+    from mipseg.synthetic import synthesize_dataset
+
+    synthesize_dataset(
+        991,
+        "organs",
+        num_cases=3,
+        num_test_cases=0,
+        shape=(16, 32, 32),
+        spacing=(3.0, 1.0, 1.0),
+        show_progress=False,
+    )
+    return "991"
+
+
+def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_roots) -> None:
+    command = [str(BIN / "mipseg_plan"), "-d", organs, "-np", "1", "--device", "cpu"]
+    folder = data_roots["preprocessed"]
+    _run_until(command, lambda: any(folder.rglob("data/*.npy")), signal.SIGKILL)
+    for array in folder.rglob("data/*.npy"):
+        assert np.load(array).ndim == 4  # what exists is complete
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    data = next(folder.glob("Dataset991_*")) / "data"
+    assert len(list(data.glob("*.npy"))) == 3 and _no_partials(folder)
+    assert not list((data.parent / "mips").glob("*.png"))  # organs drawn on a slice: no MIPs
+
+
+PROPAGATE = ["--iters", "3", "--refine-iters", "10", "--coarse-iters", "5", "--device", "cpu"]
+
+
+def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots) -> None:
+    command = [str(BIN / "mipseg_propagate"), "-d", organs, "--name", "organs", *PROPAGATE]
+    subprocess.run([*command, "--method", "copy"], env=_env(), check=True, capture_output=True)
+    labelset = next(data_roots["preprocessed"].glob("Dataset991_*")) / "labelsets" / "organs"
+    before = _snapshot(labelset)
+    staged = labelset.with_name(".organs.next")
+    _run_until([*command, "--method", "flow"], (staged / "labelset.json").is_file, signal.SIGKILL)
+    assert _snapshot(labelset) == before  # training still reads the finished (copy) set
+    subprocess.run([*command, "--method", "flow", "--continue"], env=_env(), check=True, capture_output=True)
+    assert io.read_json(labelset / "report.json")["method"] == "flow"
+    assert len(io.read_json(labelset / "report.json")["cases"]) == 3
+    assert not staged.exists() and not labelset.with_name(".organs.old").exists()
+
+
+def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots) -> None:
+    from test_refine import _train_two_folds
+
+    name = _train_two_folds(data_roots)
+    command = [str(BIN / "mipseg_refine"), "-d", name, "--device", "cpu", "--passes", "1"]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    labelset = data_roots["preprocessed"] / name / "labelsets" / "refined"
+    before = _snapshot(labelset)
+    staged = labelset.with_name(".refined.next")
+    _run_until([*command, "--passes", "3"], (staged / "labelset.json").is_file, signal.SIGINT)
+    assert _snapshot(labelset) == before
+    subprocess.run([*command, "--passes", "3", "--continue"], env=_env(), check=True, capture_output=True)
+    description = io.read_json(labelset / "labelset.json")
+    assert (
+        description["settings"]["passes"] == 3 and len(io.read_json(labelset / "report.json")["cases"]) == 4
+    )
+    assert not staged.exists()
