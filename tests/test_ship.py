@@ -163,3 +163,20 @@ def test_bad_packages_get_one_line_and_exit_2(data_roots, tmp_path: Path, capsys
         out = tmp_path / f"out_{kind}"
         assert _exit_code(predict_main, ["-i", str(images), "-o", str(out), "-m", str(path)]) == 2, kind
     assert not (data_roots["results"] / name).exists()  # nothing was installed
+
+
+def test_best_configuration_travels_with_the_package(data_roots, tmp_path: Path) -> None:
+    from mipseg.cli.find_best_configuration import main as find_main
+
+    name = _trained(data_roots)
+    assert _exit_code(find_main, ["-d", name]) == 0
+    decision = json.loads((data_roots["results"] / name / MODEL / "postprocessing.json").read_text())
+    assert decision["decided_for"] == [MODEL] and "rules_raw" in decision
+    package = tmp_path / "model.zip"
+    assert _exit_code(export_main, ["-d", name, "-o", str(package)]) == 0  # the winner, by default
+    assert f"{name}/{MODEL}/postprocessing.json" in read_manifest(package)["files"]
+    images = data_roots["raw"] / name / "imagesTr"
+    out = tmp_path / "out"
+    _predict(["-i", str(images), "-m", str(package), "--postprocess"], out)
+    args = json.loads((out / "predict_args.json").read_text())
+    assert args["postprocessing_rules"] == decision["rules_raw"]

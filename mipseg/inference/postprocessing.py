@@ -72,18 +72,19 @@ def apply_rules(segmentation: np.ndarray, rules: Mapping[str, Mapping[str, Any]]
     segmentation : np.ndarray of int, shape (Z, Y, X)
     rules
         ``str(label value) -> rule`` (see the module docstring); classes without a rule stay.
+        Key ``"all"`` (applied first): the rule for all foreground labels together (nnU-Net's
+        "keep the largest component of the foreground").
 
     Returns
     -------
     np.ndarray, same shape and dtype (a new array)
     """
     result = segmentation.copy()
-    for value, rule in rules.items():
+    for value, rule in sorted(rules.items(), key=lambda item: item[0] != "all"):
         if rule["kind"] == "none":
             continue
-        components, sizes = cc3d_label_with_component_sizes(
-            segmentation == int(value), connectivity=CONNECTIVITY
-        )
+        mask = result > 0 if value == "all" else result == int(value)
+        components, sizes = cc3d_label_with_component_sizes(mask, connectivity=CONNECTIVITY)
         ids = np.array(sorted(sizes), dtype=np.int64)
         if ids.size == 0:
             continue

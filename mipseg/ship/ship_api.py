@@ -21,8 +21,7 @@ from mipseg.errors import InputError
 from mipseg.inference.model_package import FORMAT_VERSION, MANIFEST, extract, read_manifest, sha256_of
 from mipseg.inference.postprocessing import DECISION_FILE
 from mipseg.inference.predictor import find_folds, resolve_model_dir
-
-BEST_CONFIGURATION_FILE = "best_configuration.json"  # written by mipseg_find_best_configuration
+from mipseg.selection.selection_api import BEST_CONFIGURATION_FILE
 
 
 def chosen_models(dataset: str | int, trainer: str | None, labels: str | None) -> list[Path]:
