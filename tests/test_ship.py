@@ -180,3 +180,61 @@ def test_best_configuration_travels_with_the_package(data_roots, tmp_path: Path)
     _predict(["-i", str(images), "-m", str(package), "--postprocess"], out)
     args = json.loads((out / "predict_args.json").read_text())
     assert args["postprocessing_rules"] == decision["rules_raw"]
+
+
+def test_challenge_entry_script_on_folders(data_roots, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from mipseg import io
+
+    name = _trained(data_roots)
+    expected_dir = tmp_path / "expected"
+    images = str(data_roots["raw"] / name / "imagesTr")
+    # the container predicts with the defaults (mirroring on)
+    assert (
+        _exit_code(
+            predict_main, ["-i", images, "-o", str(expected_dir), "-d", name, "--disable-progress-bar"]
+        )
+        == 0
+    )
+    package = tmp_path / "model.zip"
+    assert _exit_code(export_main, ["-d", name, "-o", str(package)]) == 0
+    inputs = tmp_path / "input" / "images" / "head-mra"  # the challenge convention, one .mha per case
+    for image in sorted((data_roots["raw"] / name / "imagesTr").glob("*.nii.gz")):
+        array, geometry = io.read_image(image)
+        io.write_image(array, geometry, inputs / f"{image.name[: -len('_0000.nii.gz')]}.mha")
+    output = tmp_path / "output" / "images"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIPSEG_")}  # no dataset roots
+    env.update(OMP_NUM_THREADS="1", MIPSEG_CACHE=str(tmp_path / "cache"))
+    entry = Path(__file__).resolve().parents[1] / "container" / "entrypoint.py"
+    argv = [
+        sys.executable,
+        str(entry),
+        "--input",
+        str(tmp_path / "input" / "images"),
+        "--output",
+        str(output),
+    ]
+    done = subprocess.run(
+        [*argv, "--model", str(package)], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    written = sorted(output.rglob("*.mha"))
+    assert [p.relative_to(output).as_posix() for p in written] == [
+        f"head-mra/case_{i:03d}.mha" for i in range(4)
+    ]
+    for path in written:
+        label_map, geometry = io.read_image(path)
+        reference, reference_geometry = io.read_image(expected_dir / f"{path.stem}.nii.gz")
+        assert np.array_equal(label_map, reference) and geometry.matches(reference_geometry)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    failed = subprocess.run(
+        [sys.executable, str(entry), "--input", str(empty), "--output", str(output), "--model", str(package)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
