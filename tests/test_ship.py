@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io as io_module
 import json
 import shutil
 import zipfile
@@ -74,6 +75,11 @@ def test_export_install_predict_gives_identical_label_maps(data_roots, tmp_path:
     assert f"{name}/{MODEL}/fold_0/checkpoint_final.pt" in manifest["files"]
     with zipfile.ZipFile(package) as archive:  # nothing but what prediction needs
         assert not any("validation" in n or "training_log" in n for n in archive.namelist())
+        stored = archive.read(f"{name}/{MODEL}/fold_0/checkpoint_final.pt")
+    packed = torch.load(io_module.BytesIO(stored), weights_only=False)
+    assert "optimizer_state" not in packed and "rng_state" not in packed and "network_weights" in packed
+    original = data_roots["results"] / name / MODEL / "fold_0" / "checkpoint_final.pt"
+    assert len(stored) < 0.6 * original.stat().st_size  # no momentum buffers
 
     shutil.rmtree(data_roots["results"])
     assert _exit_code(install_main, [str(package)]) == 0

@@ -30,14 +30,6 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1  # bump when the layout changes; a package of another format is refused
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def version_problem(package_version: str, current: str = __version__) -> str | None:
     """Why a package written by mipseg ``package_version`` cannot be used by ``current``, or None.
 

@@ -9,19 +9,28 @@ checks a package and unpacks it under ``MIPSEG_RESULTS``, where ``mipseg_predict
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import shutil
 import tempfile
 import zipfile
 from collections.abc import Sequence
+from io import BytesIO
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from mipseg import __version__, io, paths
 from mipseg.errors import InputError
-from mipseg.inference.model_package import FORMAT_VERSION, MANIFEST, extract, read_manifest, sha256_of
+from mipseg.inference.model_package import FORMAT_VERSION, MANIFEST, extract, read_manifest
 from mipseg.inference.postprocessing import DECISION_FILE
 from mipseg.inference.predictor import find_folds, resolve_model_dir
 from mipseg.selection.selection_api import BEST_CONFIGURATION_FILE
+from mipseg.training.checkpoint import load_checkpoint
+
+# checkpoint keys prediction never reads (mipseg.training.checkpoint lists them all)
+TRAINING_ONLY_KEYS = ("optimizer_state", "grad_scaler_state", "rng_state", "mip_branch_weights")
 
 
 def chosen_models(dataset: str | int, trainer: str | None, labels: str | None) -> list[Path]:
@@ -48,6 +57,20 @@ def _package_files(model_dir: Path, folds: list[str], checkpoint: str) -> list[P
         files.append(model_dir / DECISION_FILE)
     files += [model_dir / f"fold_{fold}" / f"checkpoint_{checkpoint}.pt" for fold in folds]
     return files
+
+
+def prediction_checkpoint(path: Path) -> bytes:
+    """A checkpoint without what only training needs (optimizer, grad scaler, RNG, MIP branch).
+
+    The momentum buffers alone are as large as the weights: the package is about half the size
+    of the training checkpoints. The network weights are the same bytes, so predictions are too.
+    """
+    stored = load_checkpoint(path)
+    for key in TRAINING_ONLY_KEYS:
+        stored.pop(key, None)
+    buffer = BytesIO()
+    torch.save(stored, buffer)
+    return buffer.getvalue()
 
 
 def export_model(
@@ -84,7 +107,7 @@ def export_model(
         find_folds(model_dir, checkpoint, fold_names)  # every member must hold the same folds
     root = paths.results_dataset_dir(dataset).parent
     files = [f for model_dir in model_dirs for f in _package_files(model_dir, fold_names, checkpoint)]
-    manifest = {
+    manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "mipseg_version": __version__,
         "dataset": paths.resolve_dataset(dataset),
@@ -92,19 +115,20 @@ def export_model(
         "folds": fold_names,
         "checkpoint": checkpoint,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "files": {
-            f.relative_to(root).as_posix(): {"sha256": sha256_of(f), "bytes": f.stat().st_size} for f in files
-        },
+        "files": {},
     }
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     with io.atomic_path(output) as tmp:
-        # checkpoints barely compress; storing them keeps export and install fast
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.writestr(MANIFEST, json.dumps(manifest, indent=2))
-            for f in files:
+            for f in files:  # one file in memory at a time; the manifest goes last
+                data = prediction_checkpoint(f) if f.suffix == ".pt" else f.read_bytes()
+                name = f.relative_to(root).as_posix()
+                manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+                # checkpoints barely compress; storing them keeps export and install fast
                 kind = zipfile.ZIP_STORED if f.suffix == ".pt" else zipfile.ZIP_DEFLATED
-                archive.write(f, f.relative_to(root).as_posix(), compress_type=kind)
+                archive.writestr(name, data, compress_type=kind)
+            archive.writestr(MANIFEST, json.dumps(manifest, indent=2))
     return output
 
 
