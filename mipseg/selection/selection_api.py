@@ -137,7 +137,7 @@ def find_best_configuration(
     kind = _structure(best.models[0], structure)
     classes = [int(v) for v in plans.labels.values() if v not in (0, plans.ignore_label)]
     rules, pp_table = decide_postprocessing(
-        lambda: _winner_cases(best, cases, reference_dir, spec["labels"]),
+        lambda: winner_cases(best, cases, reference_dir, spec["labels"]),
         sorted(classes),
         plans.ignore_label,
         kind,
@@ -186,9 +186,10 @@ def _scores_of(row: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in row.items() if k not in ("name", "models")}
 
 
-def _winner_cases(
+def winner_cases(
     best: Candidate, cases: Sequence[str], reference_dir: Path, labels: dict[str, int]
 ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """``(out-of-fold argmax, reference label map)`` of a candidate for each case, one at a time."""
     files = {model: validation_files(model) for model in best.models}
     for case_id in cases:
         reference = np.load(reference_dir / f"{case_id}.npy")[0]
