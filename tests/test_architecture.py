@@ -18,6 +18,8 @@ STAGE_RANK = {
     "evaluation": 5,
     "annotate": 5,
     "analysis": 5,
+    "selection": 6,
+    "ship": 7,
 }
 ENTRY_POINTS = ("cli", "demo_report")  # the top: they may import anything, nothing imports them
 MAX_LINES = 450

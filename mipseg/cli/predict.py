@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, console, make_app, reported_errors
+from mipseg.cli._common import DebugOption, DeviceOption, console, make_app, reported_errors
 
 app = make_app(
     "Predict {case}.nii.gz for every case of IN (a folder of {case}_{XXXX} channel files, or files) "
@@ -23,7 +23,18 @@ def predict(
         typer.Option("-i", "--input", help="Input folder, or channel files (repeat -i or list them)."),
     ],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder.")],
-    dataset: DatasetOption,
+    dataset: Annotated[
+        str | None,
+        typer.Option("-d", "--dataset", help="Dataset id (900) or name whose trained model to use."),
+    ] = None,
+    models: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "-m",
+            "--model",
+            help="Instead of -d: a model package (.zip) or model folder; several are ensembled.",
+        ),
+    ] = None,
     folds: Annotated[
         list[str] | None,
         typer.Option("-f", "--folds", help="Folds to ensemble (0..4 or all); default: every trained fold."),
@@ -85,6 +96,9 @@ def predict(
 ) -> None:
     """Predict OUT/{case}.nii.gz for every case of IN with the fold ensemble of a trained model.
 
+    The model: -d DATASET (its results tree), or -m MODEL (a package from mipseg_export_model or a
+    model folder; no raw or preprocessed dataset needed).
+
     IN: a folder of {case}_{XXXX} channel files, or a list of files. Outputs keep the input geometry.
 
     Unreadable cases are listed at the end (exit 2); the others are still predicted.
@@ -109,6 +123,7 @@ def predict(
             inputs[0] if len(inputs) == 1 else inputs,
             output,
             dataset,
+            models=models,
             labels=labels,
             settings=settings,
             resume=resume,
@@ -120,7 +135,7 @@ def predict(
     console.print(f"{len(written)} segmentation(s) in {output}", highlight=False)
 
 
-MULTI_VALUE_OPTIONS = ("-i", "--input", "-f", "--folds")
+MULTI_VALUE_OPTIONS = ("-i", "--input", "-f", "--folds", "-m", "--model")
 
 
 def expand_multi_value_options(argv: list[str]) -> list[str]:

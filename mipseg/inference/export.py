@@ -17,6 +17,7 @@ from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_si
 
 from mipseg import io, paths
 from mipseg.errors import InputError
+from mipseg.inference.postprocessing import apply_rules
 from mipseg.labelset import LabelSet
 from mipseg.metrics import dice_from_counts
 from mipseg.planning.plans import Plans
@@ -311,6 +312,7 @@ def export_case(
     labels: Mapping[str, int],
     save_probabilities: bool = False,
     min_component_size: int | None = None,
+    rules: Mapping[str, Mapping] | None = None,
 ) -> Path:
     """Map preprocessed-grid probabilities back to the raw grid and write the case's files.
 
@@ -327,6 +329,9 @@ def export_case(
         Also write ``{case}.npz`` (raw-grid probabilities, float16).
     min_component_size
         If given, remove smaller components of each foreground label.
+    rules
+        Per-class component rules decided by ``mipseg_find_best_configuration``
+        (:func:`mipseg.inference.postprocessing.apply_rules`), applied before ``min_component_size``.
 
     Returns
     -------
@@ -339,6 +344,8 @@ def export_case(
     if raw is not None:
         write_probabilities(raw, probabilities_path(output_dir, case_id))
         del raw
+    if rules:
+        segmentation = apply_rules(segmentation, rules)
     if min_component_size is not None:
         segmentation = remove_small_components(segmentation, min_component_size)
     geometry = io.Geometry.from_dict(properties["geometry"])

@@ -9,6 +9,7 @@ is reported at the end; the other cases are still predicted.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -22,7 +23,9 @@ import numpy as np
 from mipseg import io
 from mipseg.errors import InputError
 from mipseg.inference import export
-from mipseg.inference.predictor import Predictor, resolve_model_dir
+from mipseg.inference.model_package import opened_models
+from mipseg.inference.postprocessing import DECISION_FILE, read_decision
+from mipseg.inference.predictor import Predictor, load_predictor, resolve_model_dir
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import preprocess_case
 from mipseg.progress import progress_bar
@@ -196,8 +199,9 @@ class PredictionSettings:
 def predict_folder(
     inputs: str | Path | Sequence[str | Path],
     output: str | Path,
-    dataset: str | int,
+    dataset: str | int | None = None,
     *,
+    models: Sequence[str | Path] | None = None,
     labels: str | None = None,
     settings: PredictionSettings | None = None,
     resume: bool = False,
@@ -216,7 +220,10 @@ def predict_folder(
         Folder for ``{case}.nii.gz`` (input geometry), optional ``{case}.npz`` and the run's
         ``plans.json``, ``dataset.json``, ``predict_args.json``.
     dataset
-        Dataset id or name whose model to use.
+        Dataset id or name whose model to use (its results tree), or ``None`` with ``models``.
+    models
+        Instead of ``dataset``: model packages (``.zip``) or model folders (``-m``); several
+        are ensembled. No raw or preprocessed dataset is needed.
     labels
         Label set the model was trained on (``None``: the only one).
     settings
@@ -238,38 +245,69 @@ def predict_folder(
         were written, one line per case that could not be predicted.
     """
     settings = settings or PredictionSettings()
-    model_dir = resolve_model_dir(dataset, settings.trainer, labels)
-    output_dir = Path(output)
     if settings.problems():
         raise InputError(settings.problems())
-    predictor = Predictor.from_model_folder(
-        model_dir,
-        settings.folds,
-        settings.checkpoint,
-        use_mirroring=settings.tta,
-        tile_step_size=settings.step_size,
-        batch_size=settings.batch_size,
-        device=device,
-        engine=settings.engine,
-        precision=settings.precision,
+    if (dataset is None) == (not models):
+        raise InputError("name the model with -d DATASET or with -m MODEL, one of the two")
+    with contextlib.ExitStack() as stack:
+        if models:
+            model_dirs = [folder for m in models for folder in stack.enter_context(opened_models(m))]
+        else:
+            model_dirs = [resolve_model_dir(dataset, settings.trainer, labels)]
+        run = _Run(inputs, Path(output), dataset, labels, settings, resume, device, show_progress)
+        return _predict(model_dirs, run, num_parts, part_id)
+
+
+@dataclass(frozen=True)
+class _Run:
+    inputs: str | Path | Sequence[str | Path]
+    output_dir: Path
+    dataset: str | int | None
+    labels: str | None
+    settings: PredictionSettings
+    resume: bool
+    device: str
+    show_progress: bool
+
+
+def _postprocessing(
+    model_dirs: Sequence[Path], dataset: str | int | None, predictor: Predictor, settings: PredictionSettings
+) -> tuple[dict | None, int | None]:
+    """``(rules, min_component_size)`` for ``--postprocess``: the decided rules, else a learned size."""
+    if not settings.postprocess or settings.min_component_size is not None:
+        return None, settings.min_component_size
+    decision = read_decision(model_dirs)
+    if decision is not None:
+        return decision["rules_raw"], None
+    stored = model_dirs[0] / DECISION_FILE
+    if dataset is None and not (stored.is_file() and "min_component_size" in io.read_json(stored)):
+        raise InputError(
+            f"--postprocess: {model_dirs[0]} holds no postprocessing decision for these models; run "
+            "mipseg_find_best_configuration before exporting, or pass --min-component-size N"
+        )
+    labelset = model_dirs[0].name.split("__")[1]
+    plans = predictor.plans
+    return None, export.learned_min_component_size(
+        model_dirs[0], dataset or model_dirs[0].parent.name, labelset, plans, plans.ignore_label
     )
+
+
+def _predict(model_dirs: list[Path], run: _Run, num_parts: int, part_id: int) -> list[Path]:
+    settings, output_dir = run.settings, run.output_dir
+    predictor = load_predictor(model_dirs, settings, run.device)
     spec = predictor.dataset_json
-    input_list = [inputs] if isinstance(inputs, str | Path) else list(inputs)
+    input_list = [run.inputs] if isinstance(run.inputs, str | Path) else list(run.inputs)
     cases = discover_cases(input_list, len(spec["channel_names"]), spec["file_ending"])
     selected = select_part(cases, num_parts, part_id)
-    min_component_size = settings.min_component_size
-    if settings.postprocess and min_component_size is None:
-        min_component_size = export.learned_min_component_size(
-            model_dir, dataset, model_dir.name.split("__")[1], predictor.plans, predictor.plans.ignore_label
-        )
+    rules, min_component_size = _postprocessing(model_dirs, run.dataset, predictor, settings)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     _remove_stale_partials(output_dir, selected)
     args = {
         "inputs": [str(p) for p in input_list],
-        "dataset": str(dataset),
+        "dataset": None if run.dataset is None else str(run.dataset),
         "folds": None if settings.folds is None else [str(f) for f in settings.folds],
-        "labels": labels,
+        "labels": run.labels,
         "trainer": settings.trainer,
         "checkpoint": settings.checkpoint,
         "step_size": settings.step_size,
@@ -277,27 +315,29 @@ def predict_folder(
         "batch_size": settings.batch_size,
         "save_probabilities": settings.save_probabilities,
         "postprocess": settings.postprocess,
-        "continue": resume,
+        "postprocessing_rules": rules,
+        "continue": run.resume,
         "num_parts": num_parts,
         "part_id": part_id,
-        "device": device,
+        "device": run.device,
         "engine": settings.engine,
         "precision": settings.precision,
     }
-    _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
+    _write_run_files(output_dir, model_dirs, predictor, args, min_component_size)
 
     problems = [f"{case.problem}" for case in selected if case.problem]
     todo = [case for case in selected if case.problem is None]
     finished = []
-    if resume:
+    if run.resume:
         finished = [c for c in todo if case_is_done(output_dir, c.case_id, settings.save_probabilities)]
         todo = [c for c in todo if c not in finished]
         finished = [export.segmentation_path(output_dir, c.case_id) for c in finished]
+    postprocessing = {"min_component_size": min_component_size, "rules": rules}
     written = _run_pipeline(
-        todo, output_dir, predictor, settings.save_probabilities, min_component_size, problems, show_progress
+        todo, output_dir, predictor, settings.save_probabilities, postprocessing, problems, run.show_progress
     )
     if todo:  # the engine --engine auto chose is known once the first case was seen
-        _write_run_files(output_dir, model_dir, predictor, args, min_component_size)
+        _write_run_files(output_dir, model_dirs, predictor, args, min_component_size)
     if problems:
         raise InputError([f"{len(problems)} case(s) could not be predicted:"] + problems)
     return sorted(finished + written)
@@ -305,7 +345,7 @@ def predict_folder(
 
 def _write_run_files(
     output_dir: Path,
-    model_dir: Path,
+    model_dirs: Sequence[Path],
     predictor: Predictor,
     args: dict[str, Any],
     min_component_size: int | None,
@@ -313,7 +353,8 @@ def _write_run_files(
     io.write_json(predictor.plans.to_json(), output_dir / "plans.json")
     io.write_json(predictor.dataset_json, output_dir / "dataset.json")
     args.update(
-        model_dir=str(model_dir),
+        model_dir=str(model_dirs[0]),
+        model_dirs=[str(d) for d in model_dirs],
         folds_used=len(predictor.networks),
         mirror_axes=list(predictor.mirror_axes),
         batch_size_used=predictor.batch_size,
@@ -330,7 +371,7 @@ def _run_pipeline(
     output_dir: Path,
     predictor: Predictor,
     save_probabilities: bool,
-    min_component_size: int | None,
+    postprocessing: dict[str, Any],
     problems: list[str],
     show_progress: bool,
 ) -> list[Path]:
@@ -367,7 +408,8 @@ def _run_pipeline(
                     case.case_id,
                     labels=predictor.dataset_json["labels"],
                     save_probabilities=save_probabilities,
-                    min_component_size=min_component_size,
+                    min_component_size=postprocessing["min_component_size"],
+                    rules=postprocessing["rules"],
                 )
             )
             while len(exports) > MAX_PENDING_EXPORTS:

@@ -322,3 +322,44 @@ class Predictor:
             on_tiles_done=on_tiles_done,
         )
         return torch.softmax(logits, dim=0)
+
+
+def load_predictor(model_dirs: Sequence[Path], settings: Any, device: str) -> Predictor:
+    """One :class:`Predictor` over the chosen folds of every model folder (all must share the plans).
+
+    ``settings`` is a :class:`mipseg.inference.predict_api.PredictionSettings`; the folds of all
+    folders are averaged together (equal fold counts: the mean of the models' means).
+    """
+    predictors = [
+        Predictor.from_model_folder(
+            model_dir,
+            settings.folds,
+            settings.checkpoint,
+            use_mirroring=settings.tta,
+            tile_step_size=settings.step_size,
+            batch_size=settings.batch_size,
+            device=device,
+            engine=settings.engine,
+            precision=settings.precision,
+        )
+        for model_dir in model_dirs
+    ]
+    first = predictors[0]
+    if len(predictors) == 1:
+        return first
+    for model_dir, other in zip(model_dirs[1:], predictors[1:]):
+        if other.plans.to_json() != first.plans.to_json() or other.mirror_axes != first.mirror_axes:
+            raise InputError(
+                f"{model_dir}: plans or mirror axes differ from {model_dirs[0]}; cannot ensemble"
+            )
+    return Predictor(
+        [network for predictor in predictors for network in predictor.networks],
+        first.plans,
+        first.dataset_json,
+        mirror_axes=first.mirror_axes,
+        tile_step_size=settings.step_size,
+        batch_size=settings.batch_size,
+        device=device,
+        engine=settings.engine,
+        precision=settings.precision,
+    )

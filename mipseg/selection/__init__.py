@@ -1,0 +1,1 @@
+"""Choose the best trained model or ensemble and its postprocessing (mipseg_find_best_configuration)."""
