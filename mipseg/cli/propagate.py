@@ -12,7 +12,7 @@ from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOpt
 app = make_app(
     "Propagate single-slice annotations (annotationsTr/{case}_slice{k}.png) through each volume with "
     "self-supervised inter-slice flows (trained on the dataset's images when it has no flow model), "
-    "or with Demons registration or slice copy; --suggest proposes the slice to annotate instead."
+    "or with Demons registration or slice copy; --suggest N proposes N slices per case to annotate instead."
 )
 
 
@@ -20,8 +20,12 @@ app = make_app(
 def propagate(
     dataset: DatasetOption,
     suggest: Annotated[
-        bool, typer.Option("--suggest", help="Only suggest one slice per case to annotate (writes PNGs).")
-    ] = False,
+        int,
+        typer.Option(
+            "--suggest",
+            help="Only suggest N slices per case to annotate (writes PNGs); 0 = propagate instead.",
+        ),
+    ] = 0,
     method: Annotated[
         str, typer.Option("--method", help="Mask transport: flow, registration or copy.")
     ] = "flow",
@@ -74,6 +78,14 @@ def propagate(
             "them scaled by (spacing / this)^2. 0 = never scale.",
         ),
     ] = 3.0,
+    fusion: Annotated[
+        str,
+        typer.Option(
+            "--fusion",
+            help="Slices between two drawn slices: two_sided (fuse both by distance and verification) "
+            "or nearer (the nearer drawn slice only).",
+        ),
+    ] = "two_sided",
     no_symmetric_flows: Annotated[
         bool,
         typer.Option(
@@ -94,7 +106,7 @@ def propagate(
     with reported_errors(debug):
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
         if suggest:
-            path = suggest_slices(dataset, flow_settings, resume=resume, device=device)
+            path = suggest_slices(dataset, flow_settings, count=suggest, resume=resume, device=device)
             Console(soft_wrap=True).print(f"suggestions written to {path}")
             return
         refinement = InstanceOptimization(
@@ -110,6 +122,7 @@ def propagate(
             ignore_band=ignore_band,
             refinement=refinement,
             symmetric_flows=not no_symmetric_flows,
+            fusion=fusion,
         )
         folder = propagate_dataset(
             dataset,
