@@ -255,7 +255,7 @@ def run_source(source: str, dataset_id: int, args) -> dict:
         output = work / "predictions" / labels
         shutil.rmtree(output, ignore_errors=True)
         run_command(["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
-                     "--labels", labels, "--device", "cpu", "--disable-tta"], env, "organ_models")  # fmt: skip
+                     "--labels", labels, "--device", "cpu", "--disable-tta"], env, "organ_models")  # noqa: E501 fmt: skip
         state.set(f"model_{labels}", {**folder_scores(output, truths, classes), "train_seconds": seconds})
     return state.data
 
