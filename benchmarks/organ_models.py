@@ -246,7 +246,7 @@ def run_source(source: str, dataset_id: int, args) -> dict:
             state.set(f"labels_{name}", {**labelset_scores(report, classes), "seconds": seconds})
     truths = sorted((raw / "labelsTs").glob("*.nii.gz"))
     for labels in model_order(args.slices):
-        if f"model_{labels}" in state:
+        if f"model_{labels}" in state or (args.models is not None and labels not in args.models):
             continue
         schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
         train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
@@ -254,9 +254,30 @@ def run_source(source: str, dataset_id: int, args) -> dict:
         seconds = run_command([*train, "--seed", str(args.seed)], env, "organ_models")
         output = work / "predictions" / labels
         shutil.rmtree(output, ignore_errors=True)
-        run_command(["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
-                     "--labels", labels, "--device", "cpu", "--disable-tta"], env, "organ_models")  # noqa: E501 fmt: skip
-        state.set(f"model_{labels}", {**folder_scores(output, truths, classes), "train_seconds": seconds})
+        run_command(
+            [
+                "mipseg_predict",
+                "-i",
+                str(raw / "imagesTs"),
+                "-o",
+                str(output),
+                "-d",
+                d,
+                "-f",
+                "all",
+                "--labels",
+                labels,
+                "--device",
+                "cpu",
+                "--disable-tta",
+            ],
+            env,
+            "organ_models",
+        )  # noqa: E501 fmt: skip
+        scores = folder_scores(output, truths, classes)
+        state.set(
+            f"model_{labels}", {**scores, "train_seconds": seconds, "iterations": args.epochs * args.iters}
+        )
     return state.data
 
 
@@ -295,7 +316,7 @@ def organ_table(results: dict[str, dict], slices: list[int]) -> str:
     """Dice per organ of the flow label sets and models (the multi-organ sources)."""
     lines = []
     for source, state in results.items():
-        organs = [k for k in state.get("model_dense", {}) if k not in ("mean", "train_seconds")]
+        organs = [k for k in state.get("labels_flow_1", {}) if k not in ("mean", "seconds")]
         if len(organs) < 2:
             continue
         lines.append(f"{source:<18}{'what':<22}" + "".join(f"{o:>14}" for o in organs))
@@ -351,6 +372,11 @@ def main() -> None:
     parser.add_argument("--flow-iters", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--iters", type=int, default=15, help="Training iterations per epoch.")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        help="Train only these label sets (dense, flow_3, ...); none: only read the cache.",
+    )
     parser.add_argument("--propagate-flags", nargs=argparse.REMAINDER, default=[],
                         help="Extra mipseg_propagate flags (last on the line).")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)

@@ -387,7 +387,7 @@ def test_suggestions_are_deterministic(organ_dataset):
     for entry in three["cases"].values():
         slices = entry["slices"]
         assert len(slices) == 3 and slices == sorted(set(slices)) and entry["slice"] == slices[0]
-        assert slices[-1] - slices[0] >= 16 // 3  # spread over the volume, not bunched
+        assert slices[-1] - slices[0] >= 4  # spread over the central half of 16 slices, not bunched
         assert len(entry["pictures"]) == 3
     chosen, errors = suggest_spread_slices(model, volume, 3)
     assert (chosen, errors) == suggest_spread_slices(model, volume, 3) and min(np.diff(chosen)) >= 2
