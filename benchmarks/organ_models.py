@@ -307,7 +307,7 @@ def table(results: dict[str, dict], slices: list[int]) -> str:
                 model = state.get(f"model_{name}", {}).get("mean", float("nan"))
                 lines.append(
                     f"{source:<18}{method:<14}{count:>7}{label:>13.3f}{model:>12.3f}"
-                    f"{model / dense:>13.3f}{model - label:>+14.3f}"
+                    f"{model / dense if dense > 0 else float('nan'):>13.3f}{model - label:>+14.3f}"
                 )
     return "\n".join(lines)
 
