@@ -175,7 +175,7 @@ ORGAN_RESULTS=$(py "from mipseg import paths; print(paths.results_dataset_dir($O
 run mipseg_plan -d "$ORGAN_ID" -np "$NP"
 
 step "train the self-supervised flow model and suggest the slice to annotate per case"
-run mipseg_propagate -d "$ORGAN_ID" --suggest --iters "$FLOW_ITERS"
+run mipseg_propagate -d "$ORGAN_ID" --suggest 1 --iters "$FLOW_ITERS"
 
 step "the annotator draws the suggested slices (simulated: the synthetic truth on those slices)"
 run py "from mipseg import paths; from mipseg.synthetic import annotate_suggested_slices as draw; \

@@ -32,7 +32,12 @@ from mipseg.propagation.losses import (
     neighbour_reconstruction_loss,
 )
 from mipseg.propagation.propagate import flow_transport, propagate_slices
-from mipseg.propagation.slice_selection import candidate_slices, suggest_slice
+from mipseg.propagation.slice_selection import (
+    candidate_slices,
+    spread_slices,
+    suggest_slice,
+    suggest_spread_slices,
+)
 from mipseg.propagation.warping import resize_flow, symmetric_flows, warp_slice
 
 torch.set_num_threads(1)
@@ -246,6 +251,51 @@ def test_two_classes_and_two_annotated_slices():
     )
 
 
+def test_two_sided_fusion_beats_the_nearer_slice_and_keeps_the_drawings():
+    from mipseg.synthetic import make_organ_volume
+
+    gains = []
+    for seed in range(3):
+        raw, label = make_organ_volume((24, 48, 48), (3.0, 1.0, 1.0), np.random.default_rng(seed))
+        image = normalize_volume(raw)
+        occupied = np.flatnonzero(label.any(axis=(1, 2)))
+        low = occupied[0] + (occupied[-1] - occupied[0]) // 4
+        high = occupied[0] + 3 * (occupied[-1] - occupied[0]) // 4
+        drawn = {low: label[low].astype(np.int16), high: label[high].astype(np.int16)}
+        transport = registration_transport(image)
+        nearer = propagate_slices(image, drawn, transport, fusion="nearer")
+        fused = propagate_slices(image, drawn, transport)
+        for index in (low, high):
+            assert np.array_equal(fused.labels[index], label[index]) and not fused.unsure[index].any()
+        between = slice(low + 1, high)
+        gain = dice(fused.labels[between] == 1, label[between] == 1) - dice(
+            nearer.labels[between] == 1, label[between] == 1
+        )
+        assert gain >= -0.002, (seed, gain)
+        gains.append(gain)
+        # the disagreement between the two sides is left unsure, away from both drawings
+        assert fused.unsure[between].sum() >= nearer.unsure[between].sum()
+    assert np.mean(gains) > 0.003
+
+
+def test_fusion_lets_a_class_drawn_on_one_side_only_end_between():
+    image, label, forward, backward = translating_organ()
+    occupied = np.flatnonzero(label.any(axis=(1, 2)))
+    low, high = occupied[-1] - 4, occupied[-1] + 2  # the organ ends between the two drawings
+    drawn = {low: label[low].astype(np.int16), high: label[high].astype(np.int16)}
+    result = propagate_slices(image, drawn, flow_transport(forward, backward, (48, 48)))
+    assert result.labels[low + 1].any() and not result.labels[high].any()
+    assert dice(result.labels[low:high] == 1, label[low:high] == 1) >= 0.85
+
+
+def test_spread_slices_pick_the_cheapest_cover_deterministically():
+    steps = np.abs(np.arange(10)[:, None] - np.arange(10)[None]).astype(float)
+    assert spread_slices(steps, 1) == [4]  # ties: the lower index (4 and 5 reach all in 25 steps)
+    chosen = spread_slices(steps, 3)
+    assert chosen[0] == 4 and sorted(chosen) == [1, 4, 7]  # 8 steps in all, the optimum for 3
+    assert sorted(spread_slices(steps[:2], 3)) == [0, 1]  # never more than the candidates
+
+
 # --- training, resume, suggestion -------------------------------------------------------------
 
 
@@ -331,6 +381,16 @@ def test_suggestions_are_deterministic(organ_dataset):
     model = train_flow.load_flow_model(train_flow.flow_model_dir(organ_dataset) / "checkpoint_final.pt")
     volume = np.random.default_rng(0).random((12, 32, 32)).astype(np.float32)
     assert suggest_slice(model, volume) == suggest_slice(model, volume)
+    three = io.read_json(suggest_slices(organ_dataset, settings, count=3, device="cpu", show_progress=False))
+    again = io.read_json(suggest_slices(organ_dataset, settings, count=3, device="cpu", show_progress=False))
+    assert three == again
+    for entry in three["cases"].values():
+        slices = entry["slices"]
+        assert len(slices) == 3 and slices == sorted(set(slices)) and entry["slice"] == slices[0]
+        assert slices[-1] - slices[0] >= 4  # spread over the central half of 16 slices, not bunched
+        assert len(entry["pictures"]) == 3
+    chosen, errors = suggest_spread_slices(model, volume, 3)
+    assert (chosen, errors) == suggest_spread_slices(model, volume, 3) and min(np.diff(chosen)) >= 2
 
 
 def test_interrupted_propagation_resumes_with_the_remaining_cases(organ_dataset, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
@@ -12,7 +13,7 @@ from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOpt
 app = make_app(
     "Propagate single-slice annotations (annotationsTr/{case}_slice{k}.png) through each volume with "
     "self-supervised inter-slice flows (trained on the dataset's images when it has no flow model), "
-    "or with Demons registration or slice copy; --suggest proposes the slice to annotate instead."
+    "or with Demons registration or slice copy; --suggest N proposes N slices per case to annotate instead."
 )
 
 
@@ -20,8 +21,12 @@ app = make_app(
 def propagate(
     dataset: DatasetOption,
     suggest: Annotated[
-        bool, typer.Option("--suggest", help="Only suggest one slice per case to annotate (writes PNGs).")
-    ] = False,
+        int,
+        typer.Option(
+            "--suggest",
+            help="Only suggest N slices per case to annotate (PNGs); bare --suggest = 1; 0 = propagate.",
+        ),
+    ] = 0,
     method: Annotated[
         str, typer.Option("--method", help="Mask transport: flow, registration or copy.")
     ] = "flow",
@@ -74,6 +79,14 @@ def propagate(
             "them scaled by (spacing / this)^2. 0 = never scale.",
         ),
     ] = 3.0,
+    fusion: Annotated[
+        str,
+        typer.Option(
+            "--fusion",
+            help="Slices between two drawn slices: two_sided (fuse both by distance and verification) "
+            "or nearer (the nearer drawn slice only).",
+        ),
+    ] = "two_sided",
     no_symmetric_flows: Annotated[
         bool,
         typer.Option(
@@ -94,7 +107,7 @@ def propagate(
     with reported_errors(debug):
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
         if suggest:
-            path = suggest_slices(dataset, flow_settings, resume=resume, device=device)
+            path = suggest_slices(dataset, flow_settings, count=suggest, resume=resume, device=device)
             Console(soft_wrap=True).print(f"suggestions written to {path}")
             return
         refinement = InstanceOptimization(
@@ -110,6 +123,7 @@ def propagate(
             ignore_band=ignore_band,
             refinement=refinement,
             symmetric_flows=not no_symmetric_flows,
+            fusion=fusion,
         )
         folder = propagate_dataset(
             dataset,
@@ -135,5 +149,18 @@ def propagate(
         console.print(f"mean Dice against labelsTr: {dice}")
 
 
-def main() -> None:
-    app()
+def default_suggest_count(argv: list[str]) -> list[str]:
+    """Read a bare ``--suggest`` (the spelling before ``--suggest N`` existed) as ``--suggest 1``."""
+    expanded: list[str] = []
+    for position, token in enumerate(argv):
+        expanded.append(token)
+        following = argv[position + 1] if position + 1 < len(argv) else None
+        if token == "--suggest" and (following is None or not following.lstrip("-").isdigit()):
+            expanded.append("1")
+    return expanded
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(
+        args=default_suggest_count(sys.argv[1:] if argv is None else list(argv)), prog_name="mipseg_propagate"
+    )

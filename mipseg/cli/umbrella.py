@@ -14,6 +14,7 @@ import typer
 
 from mipseg import __version__
 from mipseg.cli.predict import expand_multi_value_options
+from mipseg.cli.propagate import default_suggest_count
 
 # (command, cli module, one line for `mipseg -h`), in pipeline order
 STAGES = (
@@ -71,4 +72,6 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in MULTI_VALUE_COMMANDS:
         argv = argv[:1] + expand_multi_value_options(argv[1:])
+    if argv and argv[0] == "propagate":
+        argv = argv[:1] + default_suggest_count(argv[1:])
     app(args=argv, prog_name="mipseg")

@@ -20,8 +20,11 @@ compares only how masks move:
 4. **Unsure voxels**: an in-plane band of ``ignore_band`` pixels around every propagated
    boundary and the last mask, dilated, on ``ignore_slices`` slices past each stop.
 
-With several annotated slices, each slice between two annotations is propagated from the
-nearer one.
+With several annotated slices, a slice between two annotations is labelled from both: each
+class is propagated up from the lower and down from the upper annotated slice, and the two
+verified masks are fused by closeness and by how much of each verification kept: their union
+with the disagreement unsure away from both drawings, the heavier side near one
+(``fusion="two_sided"``, the default; ``"nearer"`` takes the nearer annotated slice only).
 """
 
 from __future__ import annotations
@@ -198,6 +201,11 @@ def stop_reason(
     return ""
 
 
+FUSIONS = ("two_sided", "nearer")
+
+"""How slices between two annotated slices are labelled: fused from both, or from the nearer one."""
+
+
 def propagate_slices(
     image: np.ndarray,
     annotations: dict[int, np.ndarray],
@@ -207,6 +215,8 @@ def propagate_slices(
     verify: bool = True,
     ignore_band: int = 1,
     ignore_slices: int = 1,
+    fusion: str = "two_sided",
+    disagreement_margin: float = 0.25,
 ) -> PropagationResult:
     """Propagate annotated slices through a volume.
 
@@ -215,48 +225,70 @@ def propagate_slices(
     image : float (D, H, W)
         The volume normalised to [0, 1] (as :func:`~mipseg.propagation.flow_net.normalize_volume`).
     annotations
-        Slice index along axis 0 -> integer label slice ``(H, W)`` (0 = background).
+        Slice index along axis 0 -> integer label slice ``(H, W)`` (0 = background). A class
+        absent from an annotated slice is absent there (the annotator drew every class it saw).
     transport
         Moves masks between neighbouring slices (see :data:`Transport`).
+    fusion
+        ``"two_sided"``: a slice between two annotated slices ``a < b`` gets, per class, the
+        verified masks propagated from both sides, each weighted by closeness (``(b - t) /
+        (b - a)`` for ``a``) times the share of its warped mask that verification kept; where
+        the lesser weight is at least ``disagreement_margin`` of the two, the union, with the
+        disagreement unsure; elsewhere the heavier side. ``"nearer"``: each such slice is
+        propagated from the nearer annotated slice only. Slices outside the outermost annotated
+        slices are propagated from the outermost ones in both modes.
 
     Returns
     -------
     PropagationResult
     """
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion {fusion!r}: choose one of {', '.join(FUSIONS)}")
     depth = image.shape[0]
     labels = np.zeros(image.shape, dtype=np.int16)
     score = np.zeros(image.shape, dtype=np.float32)
     unsure = np.zeros(image.shape, dtype=bool)
-    extents: list[ClassExtent] = []
     ordered = sorted(annotations)
-    for position, index in enumerate(ordered):
-        # Each annotated slice owns the slices closer to it than to any other annotated slice.
-        low = 0 if position == 0 else (ordered[position - 1] + index) // 2 + 1
-        high = depth - 1 if position == len(ordered) - 1 else (index + ordered[position + 1]) // 2
-        annotation = annotations[index]
-        for label in sorted(int(v) for v in np.unique(annotation) if v != 0):
-            mask = annotation == label
-            reference = (float(image[index][mask].mean()), max(float(image[index][mask].std()), 0.02))
-            extent = ClassExtent(label, index, index, index)
+    classes = sorted({int(v) for index in ordered for v in np.unique(annotations[index]) if v != 0})
+    extents: list[ClassExtent] = []
+    for label in classes:
+        # per annotated slice: {step: (reached slices, stop reason, last mask)}
+        runs: dict[int, dict[int, tuple[list, str, np.ndarray]]] = {}
+        for index in ordered:
+            mask = annotations[index] == label
+            if not mask.any():
+                continue
             _assign(labels, score, index, mask, np.ones(mask.shape, np.float32), label)
-            for step, bound in ((1, high), (-1, low)):
-                reached, reason, last_mask = _propagate_direction(
+            reference = (float(image[index][mask].mean()), max(float(image[index][mask].std()), 0.02))
+            runs[index] = {}
+            for step in (1, -1):
+                # two-sided: up to the next annotated slice; nearer: the slices nearer to this one
+                bound = _zone_end(index, step, ordered, depth, fusion)
+                runs[index][step] = _propagate_direction(
                     image, mask, index, step, bound, transport, rule, verify, reference
                 )
+            extents.append(_extent(label, index, runs[index]))
+        for position, index in enumerate(ordered):
+            if fusion == "two_sided" and position + 1 < len(ordered):
+                upper = ordered[position + 1]
+                forward = runs[index][1][0] if index in runs else []
+                backward = runs[upper][-1][0] if upper in runs else []
+                _fuse_between(
+                    labels, score, unsure, label, (index, upper), forward, backward, disagreement_margin
+                )
+            for step, (reached, reason, last_mask) in runs.get(index, {}).items():
+                if fusion == "two_sided" and 0 <= position + step < len(ordered):
+                    continue  # fused above
                 for slice_index, kept, soft in reached:
                     _assign(labels, score, slice_index, kept, soft, label)
                 end = reached[-1][0] if reached else index
                 if reason != "end of zone":
+                    zone_end = _zone_end(index, step, ordered, depth, fusion)
                     for k in range(1, ignore_slices + 1):
-                        if low <= end + step * k <= high:
+                        if min(index, zone_end) <= end + step * k <= max(index, zone_end):
                             unsure[end + step * k] |= ndimage.binary_dilation(
                                 last_mask, iterations=max(ignore_band, 1)
                             )
-                if step == 1:
-                    extent.last, extent.stop_forward = end, reason
-                else:
-                    extent.first, extent.stop_backward = end, reason
-            extents.append(extent)
     if ignore_band > 0:
         for label in np.unique(labels[labels > 0]):
             mask = labels == label
@@ -266,6 +298,72 @@ def propagate_slices(
             unsure |= band
     unsure[ordered] = False  # the annotator's slices are certain
     return PropagationResult(labels, unsure, extents)
+
+
+def _zone_end(index: int, step: int, ordered: list[int], depth: int, fusion: str) -> int:
+    """The last slice that annotated slice ``index`` labels in direction ``step`` (see propagate_slices)."""
+    neighbour = ordered.index(index) + step
+    if not 0 <= neighbour < len(ordered):
+        return depth - 1 if step == 1 else 0
+    other = ordered[neighbour]
+    return other - step if fusion == "two_sided" else (index + other) // 2 + (step < 0)
+
+
+def _extent(label: int, index: int, directions: dict[int, tuple[list, str, np.ndarray]]) -> ClassExtent:
+    """Where one class was propagated from annotated slice ``index`` and why each direction stopped."""
+    forward, backward = directions[1], directions[-1]
+    return ClassExtent(
+        label,
+        index,
+        first=backward[0][-1][0] if backward[0] else index,
+        last=forward[0][-1][0] if forward[0] else index,
+        stop_forward=forward[1],
+        stop_backward=backward[1],
+    )
+
+
+def _fuse_between(
+    labels: np.ndarray,
+    score: np.ndarray,
+    unsure: np.ndarray,
+    label: int,
+    pair: tuple[int, int],
+    forward: list[tuple[int, np.ndarray, np.ndarray]],
+    backward: list[tuple[int, np.ndarray, np.ndarray]],
+    margin: float,
+) -> None:
+    """Label the slices strictly between annotated slices ``pair = (low, high)`` for one class.
+
+    ``forward`` holds the masks propagated up from ``low``, ``backward`` those propagated down
+    from ``high`` (``(slice, verified mask, warped soft mask)`` each); a side that stopped
+    before a slice (or never had the class) votes empty there. Each side's share is its
+    closeness times the fraction of its warped mask that verification kept (1 for an empty
+    vote), normalised. Where both shares are at least ``margin``, the class is the union of the
+    two masks and their disagreement is unsure: verification only ever removes pixels, so each
+    chain shrinks, and the union measured better than either side (documentation/propagate.md);
+    nearer a drawing, the side with the larger share decides alone.
+    """
+    low, high = pair
+    empty = np.zeros(labels.shape[1:], dtype=bool)
+    up = {index: (kept, soft) for index, kept, soft in forward}
+    down = {index: (kept, soft) for index, kept, soft in backward}
+    for target in range(low + 1, high):
+        masks, weights = [], []
+        for side, closeness in ((up, (high - target) / (high - low)), (down, (target - low) / (high - low))):
+            kept, soft = side.get(target, (empty, None))
+            warped = int((soft >= 0.5).sum()) if soft is not None else 0
+            masks.append(kept)
+            weights.append(closeness * (min(1.0, int(kept.sum()) / warped) if warped else 1.0))
+        total = sum(weights)
+        if total <= 0 or not (masks[0].any() or masks[1].any()):
+            continue
+        shares = [weight / total for weight in weights]
+        vote = (shares[0] * masks[0] + shares[1] * masks[1]).astype(np.float32)
+        if min(shares) >= margin:
+            _assign(labels, score, target, masks[0] | masks[1], vote, label)
+            unsure[target] |= masks[0] != masks[1]
+        else:
+            _assign(labels, score, target, masks[int(shares[1] > shares[0])], vote, label)
 
 
 def _propagate_direction(

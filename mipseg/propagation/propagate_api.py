@@ -3,7 +3,7 @@
 Files written::
 
     results/DatasetX/flow__selfsup/          checkpoint_{latest,final}.pt, training_log.txt, progress.png
-    preprocessed/DatasetX/suggested_slices.json           --suggest: case -> slice, errors
+    preprocessed/DatasetX/suggested_slices.json           --suggest N: case -> slices, errors
     preprocessed/DatasetX/suggested_slices/{case}_slice{k}.png   what the annotator draws on
     preprocessed/DatasetX/labelsets/{name}/{case}.nii.gz  raw geometry; labels + ignore on unsure voxels
     preprocessed/DatasetX/labelsets/{name}/labelset.json  what the values mean, settings
@@ -33,6 +33,7 @@ from mipseg.propagation.baselines import TRANSPORT_METHODS, copy_transport, regi
 from mipseg.propagation.flow_net import normalize_volume
 from mipseg.propagation.instance_optimization import InstanceOptimization, for_slice_spacing, optimize_flows
 from mipseg.propagation.propagate import (
+    FUSIONS,
     StopRule,
     Transport,
     flow_transport,
@@ -43,7 +44,7 @@ from mipseg.propagation.slice_selection import (
     CENTRAL_FRACTION,
     ct_slice_picture,
     slice_picture,
-    suggest_slice,
+    suggest_spread_slices,
 )
 from mipseg.propagation.train_flow import (
     FlowTrainingSettings,
@@ -65,6 +66,7 @@ class PropagationSettings:
     stop_rule: StopRule = StopRule()
     refinement: InstanceOptimization = InstanceOptimization()
     symmetric_flows: bool = True
+    fusion: str = "two_sided"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +76,7 @@ class PropagationSettings:
             "verify": self.verify,
             "ignore_band": self.ignore_band,
             "ignore_slices": self.ignore_slices,
+            "fusion": self.fusion,
             "stop_rule": dict(self.stop_rule.__dict__),
         }
 
@@ -124,11 +127,19 @@ def suggest_slices(
     dataset: str | int,
     settings: FlowTrainingSettings = FlowTrainingSettings(),
     *,
+    count: int = 1,
     resume: bool = False,
     device: str = "auto",
     show_progress: bool = True,
 ) -> Path:
-    """Suggest one slice per training case; returns the path of ``suggested_slices.json``."""
+    """Suggest ``count`` slices per training case; returns the path of ``suggested_slices.json``.
+
+    One slice: the representative central slice; several: slices that together reach the whole
+    volume best (:func:`~mipseg.propagation.slice_selection.suggest_spread_slices`). Each case's
+    entry keeps ``slice`` (the first suggested) next to ``slices`` (all, sorted).
+    """
+    if count < 1:
+        raise InputError(f"--suggest {count}: need at least 1 slice per case")
     loaded = load_dataset(dataset)
     checkpoint = ensure_flow_model(
         loaded, settings, resume=resume, device=device, show_progress=show_progress
@@ -140,17 +151,23 @@ def suggest_slices(
     with progress_bar(show_progress, elapsed=True) as bar:
         for case in bar.track(loaded.cases, description="suggesting slices"):
             volume = load_normalized_image(case.images[0])
-            index, errors = suggest_slice(model, volume, torch_device)
-            picture = folder / "suggested_slices" / f"{case.case_id}_slice{index}.png"
-            if loaded.spec.channel_names.get("0", "").upper() == "CT":  # Hounsfield units: a fixed window
-                io.write_png(ct_slice_picture(io.read_image(case.images[0])[0][index]), picture)
-            else:
+            indices, errors = suggest_spread_slices(model, volume, count, torch_device)
+            pictures = [folder / "suggested_slices" / f"{case.case_id}_slice{index}.png" for index in indices]
+            is_ct = loaded.spec.channel_names.get("0", "").upper() == "CT"
+            raw_volume = io.read_image(case.images[0])[0] if is_ct else None
+            for index, picture in zip(indices, pictures):
+                if raw_volume is not None:  # Hounsfield units: a fixed window
+                    io.write_png(ct_slice_picture(raw_volume[index]), picture)
+                    continue
                 io.write_png(slice_picture(volume, index), picture)
             suggestions[case.case_id] = {
-                "slice": index,
+                "slice": indices[0],
+                "slices": indices,
                 "axis": 0,
-                "annotation_file": f"annotationsTr/{case.case_id}_slice{index}.png",
-                "picture": str(picture.relative_to(folder)),
+                "annotation_file": f"annotationsTr/{case.case_id}_slice{indices[0]}.png",
+                "annotation_files": [f"annotationsTr/{case.case_id}_slice{index}.png" for index in indices],
+                "picture": str(pictures[0].relative_to(folder)),
+                "pictures": [str(picture.relative_to(folder)) for picture in pictures],
                 "reconstruction_error": errors,
             }
     return io.write_json(
@@ -159,6 +176,9 @@ def suggest_slices(
             "criterion": (
                 "lowest chain-length-weighted reconstruction error among slices in the central "
                 f"{CENTRAL_FRACTION:.0%} of the body's extent"
+                if count == 1
+                else f"{count} slices with the lowest summed chain-length-weighted reconstruction error, "
+                "each slice reached from its best suggested slice (greedy)"
             ),
             "cases": suggestions,
         },
@@ -195,6 +215,8 @@ def propagate_dataset(
     """
     if settings.method not in TRANSPORT_METHODS:
         raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
+    if settings.fusion not in FUSIONS:
+        raise InputError(f"--fusion {settings.fusion}: choose one of {', '.join(FUSIONS)}")
     refinement = settings.refinement
     if min(refinement.iterations, refinement.coarse_iterations) < 0 or refinement.max_size < 2:
         raise InputError(
@@ -307,6 +329,7 @@ def propagate_case(
         verify=settings.verify,
         ignore_band=settings.ignore_band,
         ignore_slices=settings.ignore_slices,
+        fusion=settings.fusion,
     )
     labels = result.with_ignore(dataset.spec.ignore_label)
     io.write_image(

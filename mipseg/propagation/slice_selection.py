@@ -10,6 +10,10 @@ deterministic. Candidates are the slices holding at least half the body area of 
 slice and lying in the central 15 % of the body's extent along the axis: an annotation near an
 end of the volume catches organs at their small edge cross-sections, from which propagation is
 poor (measured: documentation/propagate.md).
+
+Several slices per volume (:func:`suggest_spread_slices`) are chosen greedily among the
+full-body slices of the central half of the body's extent so that every slice of the volume is
+reached from its best anchor with the least chain-weighted error; the anchors spread out.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from mipseg.propagation.warping import warp_slice
 BODY_THRESHOLD = 0.05
 MIN_BODY_FRACTION = 0.5
 CENTRAL_FRACTION = 0.15
+SPREAD_FRACTION = 0.5
 
 
 def candidate_slices(volume: np.ndarray) -> np.ndarray:
@@ -45,10 +50,10 @@ def candidate_slices(volume: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def chain_reconstruction_errors(
+def chain_error_matrix(
     slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, anchors: np.ndarray
 ) -> np.ndarray:
-    """Mean squared error of reconstructing every slice from each anchor through the flow chain.
+    """Error of reconstructing each slice from each anchor through the flow chain, per target slice.
 
     Parameters
     ----------
@@ -58,12 +63,12 @@ def chain_reconstruction_errors(
 
     Returns
     -------
-    np.ndarray, shape (A,), float64: over all reached slices, the mean squared error times the
-    chain length (steps from the anchor), summed and divided by ``D - 1``.
+    np.ndarray, shape (A, D), float64: the mean squared error of the slice reached from the
+    anchor, times the chain length (steps from the anchor); 0 on the anchor itself.
     """
     depth = slices.shape[0]
     anchor_index = torch.from_numpy(np.asarray(anchors, dtype=np.int64))
-    total = torch.zeros(len(anchors), dtype=torch.float64)
+    matrix = torch.zeros(len(anchors), depth, dtype=torch.float64)
     for direction, flows in ((1, forward), (-1, backward)):
         current = slices[anchor_index]
         for step in range(depth - 1):
@@ -74,8 +79,36 @@ def chain_reconstruction_errors(
                 break
             current = warp_slice(current, flows[source.clamp(0, depth - 1)])
             error = (current - slices[target.clamp(0, depth - 1)]).pow(2).mean(dim=(1, 2, 3)).double()
-            total += torch.where(inside, (step + 1) * error, torch.zeros_like(error))
-    return (total / max(depth - 1, 1)).numpy()
+            rows = torch.nonzero(inside).flatten()
+            matrix[rows, target[rows]] = (step + 1) * error[rows]
+    return matrix.numpy()
+
+
+def chain_reconstruction_errors(
+    slices: torch.Tensor, forward: torch.Tensor, backward: torch.Tensor, anchors: np.ndarray
+) -> np.ndarray:
+    """Each anchor's summed :func:`chain_error_matrix` row divided by ``D - 1``, shape (A,)."""
+    depth = slices.shape[0]
+    return chain_error_matrix(slices, forward, backward, anchors).sum(axis=1) / max(depth - 1, 1)
+
+
+def spread_slices(errors: np.ndarray, count: int) -> list[int]:
+    """Greedily pick ``count`` rows of ``errors`` (A, D) so that every slice is reached cheaply.
+
+    The cost of a set of anchors is the sum over slices of the smallest error from any chosen
+    anchor; each step adds the anchor that lowers it most (ties: the lower row), so the choice
+    is deterministic. Because errors grow with the chain length, the chosen anchors spread out
+    over the volume. Returns row indices in the order chosen.
+    """
+    chosen: list[int] = []
+    best = np.full(errors.shape[1], np.inf)
+    for _ in range(min(count, errors.shape[0])):
+        costs = np.minimum(best[None], errors).sum(axis=1)
+        costs[chosen] = np.inf
+        row = int(np.argmin(costs))
+        chosen.append(row)
+        best = np.minimum(best, errors[row])
+    return chosen
 
 
 def suggest_slice(
@@ -96,6 +129,49 @@ def suggest_slice(
     errors = chain_reconstruction_errors(slices, forward, backward, candidates)
     best = int(candidates[int(np.argmin(errors))])  # argmin takes the first of equal minima
     return best, {int(k): float(e) for k, e in zip(candidates, errors)}
+
+
+def suggest_spread_slices(
+    model: FlowNet, volume: np.ndarray, count: int, device: torch.device | str = "cpu"
+) -> tuple[list[int], dict[int, float]]:
+    """``count`` slices of a normalised volume ``(D, H, W)`` that together reach the whole volume best.
+
+    ``count == 1`` is :func:`suggest_slice`. Otherwise the candidates are the slices with at
+    least half the fullest slice's body area in the central ``SPREAD_FRACTION`` of the body's
+    extent (the organs are unknown before drawing; slices near the ends of the body missed the
+    organ on synthetic volumes, measured in documentation/organ_models.md), chosen by
+    :func:`spread_slices` on the chain-length-weighted reconstruction errors of every slice.
+    No labels are used.
+
+    Returns
+    -------
+    slices : list of int
+        Slice indices along axis 0, sorted.
+    errors : dict
+        Candidate slice -> its summed reconstruction error alone (lower is better).
+    """
+    if count == 1:
+        index, errors = suggest_slice(model, volume, device)
+        return [index], errors
+    forward, backward = predict_flows(model, volume, device)
+    slices = to_working_grid(volume, model.config.working_size)[0].permute(1, 0, 2, 3)
+    candidates = full_body_slices(volume)
+    matrix = chain_error_matrix(slices, forward, backward, candidates)
+    chosen = sorted(int(candidates[row]) for row in spread_slices(matrix, count))
+    totals = matrix.sum(axis=1) / max(volume.shape[0] - 1, 1)
+    return chosen, {int(k): float(e) for k, e in zip(candidates, totals)}
+
+
+def full_body_slices(volume: np.ndarray, fraction: float = SPREAD_FRACTION) -> np.ndarray:
+    """Slices with at least half the maximum body area in the central ``fraction`` of the body's extent."""
+    area = (volume > BODY_THRESHOLD).sum(axis=(1, 2))
+    if area.max() == 0:
+        return np.arange(volume.shape[0])
+    body = np.flatnonzero(area > 0)
+    centre, half = 0.5 * (body[0] + body[-1]), 0.5 * fraction * (body[-1] - body[0])
+    central = np.abs(np.arange(volume.shape[0]) - centre) <= max(half, 0.5)
+    chosen = np.flatnonzero(central & (area >= MIN_BODY_FRACTION * area.max()))
+    return chosen if chosen.size else np.flatnonzero(central)
 
 
 def slice_picture(volume: np.ndarray, index: int) -> np.ndarray:

@@ -270,14 +270,15 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
 
     For every case in ``suggestions_file`` (``suggested_slices.json``), the case's slice
     annotations ``annotationsTr/{case}_slice*.png`` are replaced by the dense truth
-    ``labelsTr/{case}`` on the suggested slice. A suggested slice without foreground gets no
-    drawing (the case then has no annotation, as when an annotator finds nothing to draw).
+    ``labelsTr/{case}`` on every suggested slice (``slices``, or the one ``slice``). A suggested
+    slice without foreground gets no drawing (a case with none has no annotation, as when an
+    annotator finds nothing to draw).
     ``dataset.json``'s ``synthetic.slice_choice`` becomes ``"suggested"``.
 
     Returns
     -------
     dict
-        Case -> the slice drawn, or None where the suggested slice held no foreground.
+        Case -> the first slice drawn, or None where no suggested slice held foreground.
     """
     folder = paths.raw_dataset_dir(dataset)
     if not Path(suggestions_file).is_file():
@@ -289,16 +290,16 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
         if not label_path.is_file():
             raise InputError(f"{label_path}: no dense truth to draw the suggested slice from")
         label, _ = io.read_image(label_path)
-        index = int(suggestion["slice"])
         for old in (folder / "annotationsTr").glob(f"{case_id}_slice*.png"):
             old.unlink()
-        if not label[index].any():
-            drawn[case_id] = None
-            continue
-        io.write_png(
-            _viewable(label[index].astype(np.uint8)), folder / "annotationsTr" / f"{case_id}_slice{index}.png"
-        )
-        drawn[case_id] = index
+        drawn[case_id] = None
+        for index in (int(i) for i in suggestion.get("slices", [suggestion["slice"]])):
+            if label[index].any():
+                io.write_png(
+                    _viewable(label[index].astype(np.uint8)),
+                    folder / "annotationsTr" / f"{case_id}_slice{index}.png",
+                )
+                drawn[case_id] = index if drawn[case_id] is None else drawn[case_id]
     spec = io.read_json(folder / "dataset.json")
     if isinstance(spec.get("synthetic"), dict):  # keep the record of how the drawings were made true
         spec["synthetic"]["slice_choice"] = "suggested"

@@ -1,0 +1,404 @@
+"""From a few drawn slices to a trained organ model: Dice on unseen volumes against the dense-label model.
+
+For every source (synthetic organs; ``../shared/data/abdomen_ct_small`` and ``abdomen_mr_small``
+with liver, spleen and both kidneys from their TotalSegmentator organ maps), the real pipeline
+runs with its commands in a work folder:
+
+1. a raw dataset with training and test volumes (``annotation: slice``);
+2. ``mipseg_plan``; ``mipseg_propagate --suggest K`` for K = 1, 2, 3 drawn slices per volume
+   (the flow model is trained once, self-supervised, on the images);
+3. the simulated annotator draws the suggested slices (the dense truth on those slices, every
+   organ on them); ``mipseg_propagate`` with ``--method flow`` and ``registration`` writes label
+   sets ``flow_K`` / ``registration_K``, whose Dice against the training truth is the *labels* line;
+4. ``mipseg_train -f all`` on each label set and on the dense labels, with the same epochs and
+   iterations; ``mipseg_predict`` on the test volumes, Dice per organ against their truth.
+
+Real scans: one scan per modality is too few for training folds, so every volume of a source is
+a *sub-volume crop with augmentation* of the one scan: a random run of ``--real-depth`` slices
+(of 30 CT / 20 MR), an in-plane random affine (rotation +-10 deg, scale 0.9-1.1, shift +-5 px),
+a smooth elastic displacement (2 px, sigma 8 px), intensity scale/shift and noise, resampled
+in-plane by ``--real-zoom`` (0.5: 6 mm pixels) to fit the CPU budget. Training and test volumes
+use different random draws, so "unseen" means unseen crops and deformations of the same
+patient, not unseen patients; the truth is TotalSegmentator's prediction, not manual.
+
+Everything is cached under ``--work`` (default ``/tmp/i22/organ_models``): a rerun skips the
+finished steps (``state.json`` per source) and resumes where it stopped. Prints the table and
+writes ``results.json`` and the plot (``--plot``).
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/organ_models.py \\
+        --epochs 8 --iters 15 --plot documentation/images/organ_models.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from _pipeline import run_command
+from scipy import ndimage
+
+from mipseg.metrics import dice
+
+ORGANS = {"liver": 5, "spleen": 1, "kidney_right": 2, "kidney_left": 3}
+METHODS = ("flow", "registration")
+SOURCES = ("synthetic", "abdomen_ct_small", "abdomen_mr_small")
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+
+def augmented_crop(
+    image: np.ndarray, organs: np.ndarray, depth: int, zoom: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sub-volume crop of a scan ``(D, H, W)`` with random in-plane affine + elastic + intensity.
+
+    Returns the image ``(depth, round(H * zoom), round(W * zoom))`` float32 and the label map
+    resampled the same way (nearest neighbour).
+    """
+    start = int(rng.integers(0, image.shape[0] - depth + 1))
+    image, organs = image[start : start + depth], organs[start : start + depth]
+    height, width = image.shape[1:]
+    out_h, out_w = round(height * zoom), round(width * zoom)
+    angle = np.deg2rad(rng.uniform(-10, 10))
+    scale = rng.uniform(0.9, 1.1)
+    shift = rng.uniform(-5, 5, size=2)
+    rows, cols = np.mgrid[:out_h, :out_w].astype(np.float64)
+    y, x = rows / zoom - height / 2, cols / zoom - width / 2  # output pixel -> centred input position
+    cos, sin = np.cos(angle) / scale, np.sin(angle) / scale
+    source_y = cos * y - sin * x + height / 2 + shift[0]
+    source_x = sin * y + cos * x + width / 2 + shift[1]
+    elastic = [ndimage.gaussian_filter(rng.normal(size=(out_h, out_w)), 8 * zoom) for _ in range(2)]
+    elastic = [2.0 * e / max(np.abs(e).max(), 1e-6) for e in elastic]
+    coordinates = np.stack([source_y + elastic[0], source_x + elastic[1]])
+    smooth = ndimage.gaussian_filter(image.astype(np.float32), (0, 0.5 / zoom, 0.5 / zoom))  # anti-alias
+    low, high = np.percentile(image, (0.5, 99.5))
+    out_image = np.stack([ndimage.map_coordinates(s, coordinates, order=1, mode="nearest") for s in smooth])
+    out_labels = np.stack([ndimage.map_coordinates(o, coordinates, order=0, mode="constant") for o in organs])
+    out_image = out_image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05) * (high - low)
+    out_image += rng.normal(scale=0.01 * (high - low), size=out_image.shape)
+    return out_image.astype(np.float32), out_labels.astype(np.uint8)
+
+
+def write_real_dataset(raw_root: Path, dataset_id: int, source: str, args) -> Path:
+    """Training and test crops of one real scan as a slice-annotated raw dataset (organ values 1..4)."""
+    from mipseg import io
+    from mipseg.io import Geometry
+
+    image, geometry = io.read_image(args.shared / f"{source}.nii.gz", dtype=np.float32)
+    organ_map, _ = io.read_image(args.shared / f"{source}_organs.nii.gz")
+    organs = np.zeros(organ_map.shape, np.uint8)
+    for value, (_, total_value) in enumerate(ORGANS.items(), start=1):
+        organs[organ_map == total_value] = value
+    folder = raw_root / f"Dataset{dataset_id:03d}_{source}"
+    depth = min(args.real_depth, image.shape[0])
+    z_spacing, y_spacing, x_spacing = geometry.spacing_zyx
+    spacing = (z_spacing, y_spacing / args.real_zoom, x_spacing / args.real_zoom)
+    rng = np.random.default_rng(args.seed)
+    for split, count in (("Tr", args.cases), ("Ts", args.test_cases)):
+        for number in range(count):
+            crop, labels = augmented_crop(image, organs, depth, args.real_zoom, rng)
+            out_geometry = Geometry.identity(spacing)
+            case = f"{source}_{split.lower()}{number:02d}"
+            io.write_image(crop, out_geometry, folder / f"images{split}" / f"{case}_0000.nii.gz")
+            io.write_image(labels, out_geometry, folder / f"labels{split}" / f"{case}.nii.gz")
+    io.write_json(
+        {
+            "channel_names": {"0": "CT" if "ct" in source else "MRI"},
+            "labels": {"background": 0, **{name: value for value, name in enumerate(ORGANS, start=1)}},
+            "numTraining": args.cases,
+            "file_ending": ".nii.gz",
+            "annotation": "slice",
+        },
+        folder / "dataset.json",
+    )
+    return folder
+
+
+def write_source_dataset(source: str, dataset_id: int, args) -> Path:
+    """The raw dataset of one source (synthetic organs or crops of a real scan)."""
+    from mipseg import paths
+    from mipseg.synthetic import synthesize_dataset
+
+    if source == "synthetic":
+        return synthesize_dataset(
+            dataset_id,
+            "organs",
+            num_cases=args.cases,
+            num_test_cases=args.test_cases,
+            shape=tuple(args.synthetic_shape),
+            seed=args.seed,
+            overwrite=True,
+            show_progress=False,
+        )
+    return write_real_dataset(paths.raw_root(), dataset_id, source, args)
+
+
+def draw_suggested(raw: Path, suggestions: Path) -> dict[str, list[int]]:
+    """Simulated annotator: the dense truth on every suggested slice that shows an organ."""
+    from mipseg import io
+
+    drawn = {}
+    for case_id, entry in io.read_json(suggestions)["cases"].items():
+        for old in (raw / "annotationsTr").glob(f"{case_id}_slice*.png"):
+            old.unlink()
+        truth, _ = io.read_image(raw / "labelsTr" / f"{case_id}.nii.gz")
+        drawn[case_id] = [int(i) for i in entry["slices"] if truth[int(i)].any()]
+        for index in drawn[case_id]:
+            io.write_png(truth[index].astype(np.uint8), raw / "annotationsTr" / f"{case_id}_slice{index}.png")
+    return drawn
+
+
+# --- scoring -------------------------------------------------------------------------------------
+
+
+def class_dice(prediction: np.ndarray, truth: np.ndarray, classes: dict[str, int]) -> dict[str, float]:
+    """Dice per class (NaN when the class is absent from both)."""
+    return {name: dice(truth == value, prediction == value) for name, value in classes.items()}
+
+
+def folder_scores(predictions: Path, truths: list[Path], classes: dict[str, int]) -> dict[str, float]:
+    """Mean over test volumes of the Dice per class, and ``mean`` over classes."""
+    from mipseg import io
+
+    per_case = []
+    for truth_path in truths:
+        truth, _ = io.read_image(truth_path)
+        prediction, _ = io.read_image(predictions / truth_path.name)
+        per_case.append(class_dice(prediction, truth, classes))
+    scores = {name: float(np.nanmean([case[name] for case in per_case])) for name in classes}
+    scores["mean"] = float(np.nanmean(list(scores.values())))
+    return scores
+
+
+def labelset_scores(report: dict, classes: dict[str, int]) -> dict[str, float]:
+    """Mean agreement Dice of a propagated label set with the training truth, per class and ``mean``."""
+    means = report["summary"]["agreement_mean"]
+    scores = {name: means[name]["dice"] for name in classes if means.get(name, {}).get("dice") is not None}
+    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    return scores
+
+
+# --- the pipeline of one source ------------------------------------------------------------------
+
+
+class State:
+    """``state.json`` of one source: what finished, so a rerun resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.data
+
+    def __getitem__(self, key: str):
+        return self.data[key]
+
+    def set(self, key: str, value) -> None:
+        self.data[key] = value
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+def run_source(source: str, dataset_id: int, args) -> dict:
+    """Propagate, train and score everything of one source; returns its finished state."""
+    from mipseg import io, paths
+
+    work = args.work / source
+    work.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "MIPSEG_RAW": str(work / "raw"),
+        "MIPSEG_PREPROCESSED": str(work / "preprocessed"),
+        "MIPSEG_RESULTS": str(work / "results"),
+    }
+    os.environ.update({k: env[k] for k in ("MIPSEG_RAW", "MIPSEG_PREPROCESSED", "MIPSEG_RESULTS")})
+    state = State(work / "state.json")
+    d = str(dataset_id)
+    if "dataset" not in state:
+        shutil.rmtree(work / "raw", ignore_errors=True)
+        shutil.rmtree(work / "preprocessed", ignore_errors=True)
+        raw = write_source_dataset(source, dataset_id, args)
+        run_command(["mipseg_plan", "-d", d, "--device", "cpu"], env, "organ_models")
+        state.set("dataset", str(raw))
+    raw = Path(state["dataset"])
+    spec = io.read_json(raw / "dataset.json")
+    classes = {k: v for k, v in spec["labels"].items() if k not in ("background", "ignore")}
+    flow = ["--iters", str(args.flow_iters), "--device", "cpu"]
+    for count in args.slices:
+        if f"drawn_{count}" not in state:
+            run_command(["mipseg_propagate", "-d", d, "--suggest", str(count), *flow], env, "organ_models")
+            suggestions = paths.preprocessed_dataset_dir(d) / "suggested_slices.json"
+            shutil.copy(suggestions, work / f"suggested_{count}.json")
+            state.set(f"drawn_{count}", draw_suggested(raw, work / f"suggested_{count}.json"))
+        for method in METHODS:
+            name = f"{method}_{count}"
+            if f"labels_{name}" in state:
+                continue
+            draw_suggested(raw, work / f"suggested_{count}.json")  # the drawings of this count
+            command = ["mipseg_propagate", "-d", d, "--method", method, "--name", name, *flow]
+            seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
+            report = io.read_json(paths.preprocessed_dataset_dir(d) / "labelsets" / name / "report.json")
+            state.set(f"labels_{name}", {**labelset_scores(report, classes), "seconds": seconds})
+    truths = sorted((raw / "labelsTs").glob("*.nii.gz"))
+    for labels in model_order(args.slices):
+        if f"model_{labels}" in state or (args.models is not None and labels not in args.models):
+            continue
+        schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
+        train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
+                 "--num-workers", "0"]  # fmt: skip
+        seconds = run_command([*train, "--seed", str(args.seed)], env, "organ_models")
+        output = work / "predictions" / labels
+        shutil.rmtree(output, ignore_errors=True)
+        run_command(
+            [
+                "mipseg_predict",
+                "-i",
+                str(raw / "imagesTs"),
+                "-o",
+                str(output),
+                "-d",
+                d,
+                "-f",
+                "all",
+                "--labels",
+                labels,
+                "--device",
+                "cpu",
+                "--disable-tta",
+            ],
+            env,
+            "organ_models",
+        )  # noqa: E501 fmt: skip
+        scores = folder_scores(output, truths, classes)
+        state.set(
+            f"model_{labels}", {**scores, "train_seconds": seconds, "iterations": args.epochs * args.iters}
+        )
+    return state.data
+
+
+def model_order(slices: list[int]) -> list[str]:
+    """Label sets to train on, most telling first (a cut-off run still answers the main question)."""
+    order = ["dense", *(f"flow_{k}" for k in sorted(slices, reverse=True))]
+    order += [f"registration_{k}" for k in sorted(slices, reverse=True)]
+    return order
+
+
+# --- table and plot ------------------------------------------------------------------------------
+
+
+def table(results: dict[str, dict], slices: list[int]) -> str:
+    """Mean Dice over organs: propagated labels (training volumes) and models (test volumes)."""
+    lines = [
+        f"{'source':<18}{'labels':<14}{'slices':>7}{'labels Dice':>13}{'model Dice':>12}"
+        f"{'model/dense':>13}{'model-labels':>14}"
+    ]
+    for source, state in results.items():
+        dense = state.get("model_dense", {}).get("mean", float("nan"))
+        lines.append(f"{source:<18}{'dense':<14}{'all':>7}{1.0:>13.3f}{dense:>12.3f}{1.0:>13.3f}{'':>14}")
+        for method in METHODS:
+            for count in slices:
+                name = f"{method}_{count}"
+                label = state.get(f"labels_{name}", {}).get("mean", float("nan"))
+                model = state.get(f"model_{name}", {}).get("mean", float("nan"))
+                lines.append(
+                    f"{source:<18}{method:<14}{count:>7}{label:>13.3f}{model:>12.3f}"
+                    f"{model / dense if dense > 0 else float('nan'):>13.3f}{model - label:>+14.3f}"
+                )
+    return "\n".join(lines)
+
+
+def organ_table(results: dict[str, dict], slices: list[int]) -> str:
+    """Dice per organ of the flow label sets and models (the multi-organ sources)."""
+    lines = []
+    for source, state in results.items():
+        organs = [k for k in state.get("labels_flow_1", {}) if k not in ("mean", "seconds")]
+        if len(organs) < 2:
+            continue
+        lines.append(f"{source:<18}{'what':<22}" + "".join(f"{o:>14}" for o in organs))
+        rows = [("dense model", state.get("model_dense", {}))]
+        for count in slices:
+            rows.append((f"flow_{count} labels", state.get(f"labels_flow_{count}", {})))
+            rows.append((f"flow_{count} model", state.get(f"model_flow_{count}", {})))
+        for what, scores in rows:
+            lines.append(
+                f"{source:<18}{what:<22}" + "".join(f"{scores.get(o, float('nan')):>14.3f}" for o in organs)
+            )
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict], slices: list[int], path: Path) -> None:
+    """Mean Dice against drawn slices per volume, one panel per source, dense model as the line to reach."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6), squeeze=False)
+    for axis, (source, state) in zip(axes[0], results.items()):
+        for method, colour in zip(METHODS, ("tab:blue", "tab:orange")):
+            labels = [state.get(f"labels_{method}_{k}", {}).get("mean", np.nan) for k in slices]
+            models = [state.get(f"model_{method}_{k}", {}).get("mean", np.nan) for k in slices]
+            axis.plot(slices, labels, "--o", color=colour, alpha=0.6, label=f"{method} labels (train)")
+            axis.plot(slices, models, "-s", color=colour, label=f"{method} model (test)")
+        dense = state.get("model_dense", {}).get("mean", np.nan)
+        axis.axhline(dense, color="black", lw=1.5, label="dense-label model (test)")
+        axis.axhline(0.95 * dense, color="black", lw=0.8, ls=":", label="0.95 x dense")
+        axis.set(
+            title=source, xlabel="drawn slices per volume", ylabel="mean Dice over organs", xticks=slices
+        )
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sources", nargs="+", default=list(SOURCES), choices=SOURCES)
+    parser.add_argument("--slices", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--cases", type=int, default=6, help="Training volumes per source.")
+    parser.add_argument("--test-cases", type=int, default=3, help="Unseen test volumes per source.")
+    parser.add_argument("--synthetic-shape", type=int, nargs=3, default=[24, 48, 48])
+    parser.add_argument("--real-depth", type=int, default=16, help="Slices per crop of a real scan.")
+    parser.add_argument("--real-zoom", type=float, default=0.5, help="In-plane resampling of the real crops.")
+    parser.add_argument("--flow-iters", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=15, help="Training iterations per epoch.")
+    parser.add_argument(
+        "--models",
+        nargs="*",
+        help="Train only these label sets (dense, flow_3, ...); none: only read the cache.",
+    )
+    parser.add_argument("--propagate-flags", nargs=argparse.REMAINDER, default=[],
+                        help="Extra mipseg_propagate flags (last on the line).")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/i22/organ_models"))
+    parser.add_argument(
+        "--shared", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+    )
+    parser.add_argument("--plot", type=Path)
+    args = parser.parse_args()
+    args.work = args.work.resolve()
+    args.shared = args.shared.resolve()
+    results = {}
+    for source in args.sources:
+        results[source] = run_source(source, 970 + SOURCES.index(source), args)
+        print(table({source: results[source]}, args.slices), flush=True)
+    (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results, args.slices))
+    print(organ_table(results, args.slices))
+    if args.plot:
+        plot(results, args.slices, args.plot)
+        print(f"plot written to {args.plot}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
