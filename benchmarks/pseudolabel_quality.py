@@ -50,6 +50,7 @@ SETTINGS = {
     "calibrated grow0.6": {"grow_factor": 0.6},
     "calibrated grow0.7": {"grow_factor": 0.7},
     "calibrated ray grow0.6": {"grow_factor": 0.6, "reference": "ray"},
+    "calibrated floor0.7": {"seed_floor": 0.7},
     "calibrated (default)": {},
 }
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
