@@ -135,7 +135,13 @@ def test_foreground_the_annotation_contradicts_is_ignored() -> None:
     annotation[2:8, 4] = True
     depth = maximum_intensity_projection(volume, 0)[1]
     published, seeds, _ = bp.pseudo_label_volume(
-        volume, {0: annotation}, {0: depth}, ignore_value=2, overlap="vessel", fg_factor=0.9, min_size=1,
+        volume,
+        {0: annotation},
+        {0: depth},
+        ignore_value=2,
+        overlap="vessel",
+        fg_factor=0.9,
+        min_size=1,
         rule="published",
     )
     assert (published[2:5, 7:9, 5:8] == 1).all()  # as published, S_1 leaks into the blob

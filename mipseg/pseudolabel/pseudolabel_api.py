@@ -123,7 +123,7 @@ def make_pseudo_labels(
     name
         Label set name (folder under ``preprocessed/DatasetX/labelsets``); ``dense`` is reserved.
     settings
-        Thresholds; ``None`` = published defaults.
+        Rule and thresholds; ``None`` = the defaults (calibrated rule).
     resume
         Keep cases already finished by an earlier run with the same settings (``--continue``).
     num_processes
