@@ -368,6 +368,18 @@ def test_cli_runs_with_flags(data_roots: dict[str, Path]) -> None:
     ).exists()
     result = CliRunner().invoke(pseudolabel_app, ["-d", "901", "--axes", "1"])
     assert result.exit_code == 2 and "not in dataset.json mip_axes" in result.output
+    result = CliRunner().invoke(
+        pseudolabel_app, ["-d", "901", "--name", "pub", "--rule", "published", "--fg-factor", "0.9"]
+    )
+    assert result.exit_code == 0, result.output
+    settings = io.read_json(folder.parent / "pub" / "labelset.json")["settings"]
+    assert settings["rule"] == "published" and settings["fg_factor"] == 0.9
+    result = CliRunner().invoke(
+        pseudolabel_app, ["-d", "901", "--rule", "magic", "--grow-factor", "1.5", "--reference", "local"]
+    )
+    assert result.exit_code == 2
+    for wrong in ("--rule must be one of", "--grow-factor must be in (0, 1)", "--reference must be one of"):
+        assert wrong in result.output, result.output
 
 
 def test_faint_seeds_are_dropped_by_the_floor() -> None:
