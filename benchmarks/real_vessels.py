@@ -16,7 +16,8 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 * Sato vesselness (scikit-image, sigmas 1-3, bright ridges) thresholded by Otsu (no truth), and its
   oracle threshold;
 * the pseudo-labels (vessel = 1) of both rules, scored on the TRAINING sub-volume (they exist only there);
-* the models trained on pseudo-labels (plain and mip trainers) and on the dense label;
+* the models trained on pseudo-labels (plain and mip trainers; mip also on the published rule's
+  labels) and on the dense label;
 
 with the ratio weak / dense. Trainings are cached: a model whose ``checkpoint_final.pth`` exists is not
 trained again (delete the workdir to start over). Run one heavy process at a time on a shared machine::
@@ -105,6 +106,7 @@ MODELS = {  # name -> (label set, trainer, extra train flags)
     "dense": ("dense", "plain", []),
     "pseudo plain": ("pseudo", "plain", []),
     "pseudo mip": ("pseudo", "mip", []),
+    "published mip": ("published", "mip", []),  # the same trainer on the published rule's labels
 }
 
 
