@@ -51,6 +51,8 @@ SETTINGS = {
     "calibrated grow0.7": {"grow_factor": 0.7},
     "calibrated ray grow0.6": {"grow_factor": 0.6, "reference": "ray"},
     "calibrated floor0.7": {"seed_floor": 0.7},
+    "calibrated bg0.2": {"background_factor": 0.2},
+    "calibrated bg0.35": {"background_factor": 0.35},
     "calibrated (default)": {},
 }
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
