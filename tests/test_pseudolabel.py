@@ -135,11 +135,18 @@ def test_foreground_the_annotation_contradicts_is_ignored() -> None:
     annotation[2:8, 4] = True
     depth = maximum_intensity_projection(volume, 0)[1]
     published, seeds, _ = bp.pseudo_label_volume(
-        volume, {0: annotation}, {0: depth}, ignore_value=2, overlap="vessel", fg_factor=0.9, min_size=1
+        volume,
+        {0: annotation},
+        {0: depth},
+        ignore_value=2,
+        overlap="vessel",
+        fg_factor=0.9,
+        min_size=1,
+        rule="published",
     )
     assert (published[2:5, 7:9, 5:8] == 1).all()  # as published, S_1 leaks into the blob
     labels, _, counts = bp.pseudo_label_volume(
-        volume, {0: annotation}, {0: depth}, ignore_value=2, fg_factor=0.9, min_size=1
+        volume, {0: annotation}, {0: depth}, ignore_value=2, fg_factor=0.9, min_size=1, rule="published"
     )
     # blob voxels are brighter than 1.2 x seed mean, so not S_0, yet on unannotated rays: ignored
     assert (labels[2:5, 7:9, 5:8] == 2).all() and counts["contradicted"] == 3 * 2 * 3
@@ -151,13 +158,49 @@ def test_quality_on_synthetic_vessels() -> None:
     for _ in range(3):
         image, truth = tube_phantom(rng)
         annotation, depth = simulated_annotation(image, truth, 0)
-        labels, seeds, counts = bp.pseudo_label_volume(image, {0: annotation}, {0: depth}, ignore_value=2)
+        labels, seeds, counts = bp.pseudo_label_volume(
+            image, {0: annotation}, {0: depth}, ignore_value=2, rule="published"
+        )
         score = bp.agreement_with_truth(labels, truth)
         assert score["precision"] >= 0.95, score
         assert score["background_error"] < 0.03, score
         assert score["recall"] > 0.2, score  # fg_factor 1.0 keeps only the brighter half
         assert counts["seeds"] == int(annotation.sum()) == int(seeds.sum())
         assert set(np.unique(labels).tolist()) == {0, 1, 2}
+
+
+def test_calibrated_rule_finds_more_vessel_than_published() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        image, truth = tube_phantom(rng)
+        views = {axis: simulated_annotation(image, truth, axis) for axis in (0, 1, 2)}
+        annotations, depths = {a: v[0] for a, v in views.items()}, {a: v[1] for a, v in views.items()}
+        scores = {
+            rule: bp.agreement_with_truth(
+                bp.pseudo_label_volume(image, annotations, depths, ignore_value=2, rule=rule)[0], truth
+            )
+            for rule in ("published", "calibrated")
+        }
+        print(scores)
+        published, new = scores["published"], scores["calibrated"]
+        assert new["recall"] >= published["recall"] + 0.1, scores
+        assert new["precision"] >= published["precision"] - 0.05, scores
+        assert new["background_error"] <= min(published["background_error"], 0.03), scores
+
+
+def test_calibrated_rule_keeps_s1_inside_the_drawing_and_off_s0() -> None:
+    volume = np.full((6, 10, 10), 100.0, np.float32)
+    volume[2, 2:8, 4] = 400.0  # vessel along y, annotated along z
+    volume[2:5, 7:9, 5:8] = 500.0  # bright non-vessel blob touching it, on unannotated rays
+    volume[4, 1, 1] = 60.0  # a dark voxel on an unannotated ray
+    annotation = np.zeros((10, 10), bool)
+    annotation[2:8, 4] = True
+    depth = maximum_intensity_projection(volume, 0)[1]
+    labels, seeds, counts = bp.pseudo_label_volume(volume, {0: annotation}, {0: depth}, ignore_value=2)
+    assert (labels[2, 2:8, 4] == 1).all() and (labels[2:5, 7:9, 5:8] == 2).all()
+    assert labels[4, 1, 1] == 0 and counts["overlap"] == 0
+    with pytest.raises(ValueError, match="rule"):
+        bp.pseudo_label_volume(volume, {0: annotation}, {0: depth}, ignore_value=2, rule="guess")
 
 
 def test_more_axes_add_seeds_and_recall(phantom) -> None:
@@ -325,6 +368,18 @@ def test_cli_runs_with_flags(data_roots: dict[str, Path]) -> None:
     ).exists()
     result = CliRunner().invoke(pseudolabel_app, ["-d", "901", "--axes", "1"])
     assert result.exit_code == 2 and "not in dataset.json mip_axes" in result.output
+    result = CliRunner().invoke(
+        pseudolabel_app, ["-d", "901", "--name", "pub", "--rule", "published", "--fg-factor", "0.9"]
+    )
+    assert result.exit_code == 0, result.output
+    settings = io.read_json(folder.parent / "pub" / "labelset.json")["settings"]
+    assert settings["rule"] == "published" and settings["fg_factor"] == 0.9
+    result = CliRunner().invoke(
+        pseudolabel_app, ["-d", "901", "--rule", "magic", "--grow-factor", "1.5", "--reference", "local"]
+    )
+    assert result.exit_code == 2
+    for wrong in ("--rule must be one of", "--grow-factor must be in (0, 1)", "--reference must be one of"):
+        assert wrong in result.output, result.output
 
 
 def test_faint_seeds_are_dropped_by_the_floor() -> None:

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from mipseg.cli._common import DatasetOption, DebugOption, make_app, reported_errors
+from mipseg.pseudolabel import calibrated
 from mipseg.pseudolabel import mip_backprojection as bp
 
 app = make_app(
@@ -52,6 +53,32 @@ def pseudolabel(
             "--seed-floor", help="Drop seeds darker than this x the median seed intensity (0: keep all)."
         ),
     ] = bp.SEED_FLOOR,
+    rule: Annotated[
+        str,
+        typer.Option(
+            "--rule",
+            help="calibrated (default: thresholds between the measured background and seed levels, "
+            "--grow-factor/--background-factor/--reference) or published (--fg-factor/--bright-factor/"
+            "--dark-factor).",
+        ),
+    ] = bp.DEFAULT_RULE,
+    grow_factor: Annotated[
+        float,
+        typer.Option("--grow-factor", help="calibrated: S_1 above background + this x (seed - background)."),
+    ] = calibrated.GROW_FACTOR,
+    background_factor: Annotated[
+        float,
+        typer.Option(
+            "--background-factor",
+            help="calibrated: S_0 = unannotated-ray voxels below background + this x (seed - background).",
+        ),
+    ] = calibrated.BACKGROUND_FACTOR,
+    reference: Annotated[
+        str,
+        typer.Option(
+            "--reference", help="calibrated: seed level = mean seed (global) or each ray's own seed (ray)."
+        ),
+    ] = calibrated.REFERENCE,
     axes: Annotated[
         list[int] | None,
         typer.Option(
@@ -77,6 +104,10 @@ def pseudolabel(
             overlap=overlap,
             seed_floor=seed_floor,
             axes=tuple(axes) if axes else None,
+            rule=rule,
+            grow_factor=grow_factor,
+            background_factor=background_factor,
+            reference=reference,
         )
         folder = make_pseudo_labels(
             dataset, name, settings=settings, resume=resume, num_processes=num_processes

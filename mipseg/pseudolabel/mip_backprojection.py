@@ -14,6 +14,9 @@ Two additions chosen by measurement (``documentation/pseudolabel.md``): ``S_1`` 
 annotation contradicts (in ``S_0`` or on an unannotated ray) become "ignore" by default instead of
 vessel, and ``seed_floor`` can drop seeds that over-wide strokes put on dark tissue (off by default).
 
+``pseudo_label_volume(rule="calibrated")``, the default, replaces the S_1 / S_0 thresholds by ones
+measured on the image (:mod:`mipseg.pseudolabel.calibrated`); ``rule="published"`` is the rule above.
+
 Every array is numpy ``(z, y, x)``; a MIP along numpy axis ``a`` is the volume with axis ``a``
 removed (rows = first remaining axis), exactly as :func:`mipseg.planning.mip.maximum_intensity_projection`.
 """
@@ -27,6 +30,7 @@ from scipy import ndimage
 
 from mipseg.labelset import agreement
 from mipseg.planning.mip import ray_coordinates
+from mipseg.pseudolabel import calibrated
 
 # Published constants (seed-methods.md A.2): range clipping, S_1 threshold, component size, S_0 ratios.
 CLIP_FRACTION = 0.025
@@ -39,6 +43,10 @@ OVERLAP_RULES = ("vessel", "background", "ignore")
 # precision highest at the lowest S_0 error; it is also how the published refinement treats the overlap.
 DEFAULT_OVERLAP = "ignore"
 SEED_FLOOR = 0.0
+# "published": the thresholds above; "calibrated" (default, :mod:`.calibrated`): thresholds between the
+# measured background level and the seed level, S_1 inside the visual hull of the drawing.
+RULES = ("calibrated", "published")
+DEFAULT_RULE = "calibrated"
 
 
 def intensity_scale(volume: np.ndarray, clip_fraction: float = CLIP_FRACTION) -> tuple[float, float]:
@@ -281,6 +289,10 @@ def pseudo_label_volume(
     clip_fraction: float = CLIP_FRACTION,
     overlap: str = DEFAULT_OVERLAP,
     seed_floor: float = SEED_FLOOR,
+    rule: str = DEFAULT_RULE,
+    grow_factor: float = calibrated.GROW_FACTOR,
+    background_factor: float = calibrated.BACKGROUND_FACTOR,
+    reference: str = calibrated.REFERENCE,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The whole rule for one volume: seeds, ``S_1``, ``S_0`` and the combined label map.
 
@@ -306,6 +318,10 @@ def pseudo_label_volume(
         What S_1 voxels the annotation contradicts become (:func:`combine_label_map`).
     seed_floor : float
         Drop seeds darker than this x the median seed intensity (:func:`drop_faint_seeds`); 0 keeps all.
+    rule : str
+        ``"calibrated"`` (default; uses ``grow_factor``, ``background_factor``, ``reference`` and
+        ``min_size``, see :func:`mipseg.pseudolabel.calibrated.calibrated_sets`) or ``"published"``
+        (uses ``fg_factor``, ``min_size``, ``bright_factor``, ``dark_factor``).
 
     Returns
     -------
@@ -331,6 +347,24 @@ def pseudo_label_volume(
     if seed_floor > 0:
         seeds = drop_faint_seeds(scaled, seeds, seed_floor)
     unannotated = unannotated_rays(annotations, volume.shape)
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if rule == "calibrated":
+        foreground, background = calibrated.calibrated_sets(
+            scaled,
+            seeds,
+            annotations,
+            unannotated,
+            grow_factor=grow_factor,
+            background_factor=background_factor,
+            reference=reference,
+            min_size=min_size,
+        )
+        del scaled
+        # S_1 lies inside the visual hull and is disjoint from S_0: nothing is contradicted
+        labels = combine_label_map(seeds, foreground, background, ignore_value=ignore_value, overlap=overlap)
+        return labels, seeds, _counts(labels, seeds, foreground, background, foreground & background,
+                                      annotated_seeds, ignore_value)  # fmt: skip
     background = background_from_rays(
         scaled,
         unannotated,
@@ -348,7 +382,21 @@ def pseudo_label_volume(
     labels = combine_label_map(
         seeds, foreground, background, ignore_value=ignore_value, overlap=overlap, contradicted=contradicted
     )
-    counts = {
+    counts = _counts(labels, seeds, foreground, background, contradicted, annotated_seeds, ignore_value)
+    return labels, seeds, counts
+
+
+def _counts(
+    labels: np.ndarray,
+    seeds: np.ndarray,
+    foreground: np.ndarray,
+    background: np.ndarray,
+    contradicted: np.ndarray,
+    annotated_seeds: int,
+    ignore_value: int,
+) -> dict[str, int]:
+    """The voxel counts of :func:`pseudo_label_volume`'s report."""
+    return {
         "seeds": int(np.count_nonzero(seeds)),
         "seeds_dropped": annotated_seeds - int(np.count_nonzero(seeds)),
         "foreground": int(np.count_nonzero(foreground)),
@@ -359,7 +407,6 @@ def pseudo_label_volume(
         "background_label": int(np.count_nonzero(labels == 0)),
         "ignore": int(np.count_nonzero(labels == ignore_value)),
     }
-    return labels, seeds, counts
 
 
 def agreement_with_truth(

@@ -31,6 +31,7 @@ from mipseg.errors import InputError
 from mipseg.labelset import SEEDS_PATTERN, LabelSet, LabelSetWriter, agreement, name_problems
 from mipseg.planning.mip import maximum_intensity_projection, ray_coordinates
 from mipseg.progress import progress_bar
+from mipseg.pseudolabel import calibrated
 from mipseg.pseudolabel import mip_backprojection as bp
 
 DEFAULT_NAME = "pseudo"
@@ -44,8 +45,11 @@ QC_ALPHA = 0.6
 
 @dataclass(frozen=True)
 class PseudoLabelSettings:
-    """Every threshold of the rule; defaults are the published ones (seed-methods.md A.2).
+    """Every threshold of both rules.
 
+    ``rule``: ``"calibrated"`` (default; ``grow_factor``, ``background_factor``, ``reference``,
+    ``min_size``: :mod:`mipseg.pseudolabel.calibrated`) or ``"published"`` (``fg_factor``, ``min_size``,
+    ``bright_factor``, ``dark_factor`` with the published defaults, seed-methods.md A.2).
     ``axes`` = MIP axes whose annotations are used (``None``: all of dataset.json ``mip_axes``).
     ``overlap`` = what an S_1 voxel the annotation contradicts (in S_0 or on an unannotated ray) becomes
     (``"vessel"``, ``"background"``, ``"ignore"``); ``seed_floor`` drops seeds darker than that fraction
@@ -60,6 +64,10 @@ class PseudoLabelSettings:
     overlap: str = bp.DEFAULT_OVERLAP
     seed_floor: float = bp.SEED_FLOOR
     axes: tuple[int, ...] | None = field(default=None)
+    rule: str = bp.DEFAULT_RULE
+    grow_factor: float = calibrated.GROW_FACTOR
+    background_factor: float = calibrated.BACKGROUND_FACTOR
+    reference: str = calibrated.REFERENCE
 
     def problems(self) -> list[str]:
         """One line per invalid setting."""
@@ -78,6 +86,19 @@ class PseudoLabelSettings:
             found.append(f"--seed-floor must be in [0, 1], got {self.seed_floor}")
         if self.overlap not in bp.OVERLAP_RULES:
             found.append(f"--overlap must be one of {', '.join(bp.OVERLAP_RULES)}, got {self.overlap!r}")
+        if self.rule not in bp.RULES:
+            found.append(f"--rule must be one of {', '.join(bp.RULES)}, got {self.rule!r}")
+        if not 0 < self.grow_factor < 1:
+            found.append(f"--grow-factor must be in (0, 1), got {self.grow_factor}")
+        if not -1 <= self.background_factor < self.grow_factor:
+            found.append(
+                f"need -1 <= --background-factor < --grow-factor, got {self.background_factor} "
+                f"and {self.grow_factor}"
+            )
+        if self.reference not in calibrated.REFERENCES:
+            found.append(
+                f"--reference must be one of {', '.join(calibrated.REFERENCES)}, got {self.reference!r}"
+            )
         return found
 
     def to_json(self) -> dict[str, Any]:
@@ -104,7 +125,7 @@ def make_pseudo_labels(
     name
         Label set name (folder under ``preprocessed/DatasetX/labelsets``); ``dense`` is reserved.
     settings
-        Thresholds; ``None`` = published defaults.
+        Rule and thresholds; ``None`` = the defaults (calibrated rule).
     resume
         Keep cases already finished by an earlier run with the same settings (``--continue``).
     num_processes
@@ -193,6 +214,10 @@ def process_case(
         clip_fraction=settings.clip_fraction,
         overlap=settings.overlap,
         seed_floor=settings.seed_floor,
+        rule=settings.rule,
+        grow_factor=settings.grow_factor,
+        background_factor=settings.background_factor,
+        reference=settings.reference,
     )
     low, high = bp.intensity_scale(volume, settings.clip_fraction)
     for axis in axes:

@@ -1,0 +1,193 @@
+"""Real vessel scans: MIP-only training against dense labels, thresholds and vesselness, held-out voxels.
+
+For each real volume with a dense label in ``../shared/data`` (``octa_vessels``, ``lightsheet_vessels``)
+the volume is split along x (numpy axis 2) into a training sub-volume (the first ``--train-fraction``
+of the columns) and a test sub-volume (the rest). The training sub-volume becomes the one training case
+of a mipseg dataset whose MIP annotations (axes ``--axes``) are simulated by the brightest-voxel rule
+(a MIP pixel is vessel where the brightest voxel on its ray is labelled); the test sub-volume is its
+``imagesTs``. The real commands run in a scratch folder (``--workdir``, default ``/tmp/i17/real_vessels``)::
+
+    mipseg_plan -> mipseg_pseudolabel (calibrated; and --rule published) ->
+    mipseg_train (dense / pseudo plain / pseudo mip, same epochs and seed) -> mipseg_predict
+
+and the script prints, on the held-out test sub-volume, Dice, clDice and recall of
+
+* Otsu threshold of the intensity, and the best global threshold chosen on the test truth (oracle);
+* Sato vesselness (scikit-image, sigmas 1-3, bright ridges) thresholded by Otsu (no truth), and its
+  oracle threshold;
+* the pseudo-labels (vessel = 1) of both rules, scored on the TRAINING sub-volume (they exist only there);
+* the models trained on pseudo-labels (plain and mip trainers; mip also on the published rule's
+  labels) and on the dense label;
+
+with the ratio weak / dense. Trainings are cached: a model whose ``checkpoint_final.pth`` exists is not
+trained again (delete the workdir to start over). Run one heavy process at a time on a shared machine::
+
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/real_vessels.py --epochs 20 --iters-per-epoch 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _pipeline import run_command
+
+from mipseg.metrics import cldice, dice, recall
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+VOLUMES = ("octa_vessels", "lightsheet_vessels")
+FIRST_ID = 970
+
+
+def scores(truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
+    """Dice, clDice and recall of a binary prediction against the truth."""
+    return {
+        "dice": dice(truth, prediction),
+        "cldice": cldice(truth, prediction),
+        "recall": recall(truth, prediction),
+    }
+
+
+def write_dataset(raw: Path, dataset_id: int, name: str, fraction: float, axes: tuple[int, ...]) -> Path:
+    """The raw dataset of one volume: train sub-volume with annotations, test sub-volume in imagesTs."""
+    from mipseg import io
+    from mipseg.synthetic.annotation import simulate_mip_annotation
+    from mipseg.synthetic.writer import synthetic_geometry
+
+    image, _ = io.read_image(DATA / f"{name}.nii.gz", dtype=np.float32)
+    truth = (io.read_image(DATA / f"{name}_label.nii.gz")[0] > 0).astype(np.uint8)
+    cut = int(round(image.shape[2] * fraction))
+    folder = raw / f"Dataset{dataset_id:03d}_{name}"
+    io.write_json(
+        {
+            "channel_names": {"0": "vessels"},
+            "labels": {"background": 0, "vessel": 1},
+            "numTraining": 1,
+            "file_ending": ".nii.gz",
+            "annotation": "mip",
+            "mip_axes": list(axes),
+        },
+        folder / "dataset.json",
+    )
+    parts = {"Tr": (image[..., :cut], truth[..., :cut]), "Ts": (image[..., cut:], truth[..., cut:])}
+    for part, (sub_image, sub_truth) in parts.items():
+        geometry = synthetic_geometry(sub_image.shape[::-1], (1.0, 1.0, 1.0))
+        io.write_image(
+            np.ascontiguousarray(sub_image), geometry, folder / f"images{part}" / f"{name}_0000.nii.gz"
+        )
+        io.write_image(np.ascontiguousarray(sub_truth), geometry, folder / f"labels{part}" / f"{name}.nii.gz")
+    for axis in axes:
+        drawn = simulate_mip_annotation(parts["Tr"][0], parts["Tr"][1], axis)
+        io.write_png(drawn.astype(np.uint8) * 255, folder / "annotationsTr" / f"{name}_mip{axis}.png")
+    return folder
+
+
+def baselines(image: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, float]]:
+    """Otsu / oracle thresholds of the intensity and of Sato vesselness on the test sub-volume."""
+    from skimage.filters import sato, threshold_otsu
+
+    from mipseg.synthetic.annotation import best_threshold_dice
+
+    out = {}
+    vesselness = sato(image, sigmas=(1, 2, 3), black_ridges=False).astype(np.float32)
+    for label, values in (("threshold", image), ("sato", vesselness)):
+        out[f"{label} otsu"] = scores(truth, values > threshold_otsu(values))
+        _, best = best_threshold_dice([values - values.min() + 1e-6], [truth])
+        out[f"{label} oracle"] = scores(truth, values - values.min() + 1e-6 > best)
+    return out
+
+
+MODELS = {  # name -> (label set, trainer, extra train flags)
+    "dense": ("dense", "plain", []),
+    "pseudo plain": ("pseudo", "plain", []),
+    "pseudo mip": ("pseudo", "mip", []),
+    "published mip": ("published", "mip", []),  # the same trainer on the published rule's labels
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/i17/real_vessels"))
+    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=VOLUMES)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--train-fraction", type=float, default=0.5)
+    parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--iters-per-epoch", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    work = args.workdir.resolve()
+    env = {
+        **os.environ,
+        "MIPSEG_RAW": str(work / "raw"),
+        "MIPSEG_PREPROCESSED": str(work / "preprocessed"),
+        "MIPSEG_RESULTS": str(work / "results"),
+    }
+    os.environ.update({k: env[k] for k in ("MIPSEG_RAW", "MIPSEG_PREPROCESSED", "MIPSEG_RESULTS")})
+    from mipseg import io
+
+    results: dict[str, dict] = {}
+    for index, name in enumerate(args.volumes):
+        d = str(FIRST_ID + index)
+        folder = work / "raw" / f"Dataset{FIRST_ID + index:03d}_{name}"
+        if not (folder / "dataset.json").is_file():
+            write_dataset(work / "raw", FIRST_ID + index, name, args.train_fraction, tuple(args.axes))
+            run_command(["mipseg_plan", "-d", d, "--device", "cpu"], env, "real_vessels")
+        labelsets = work / "preprocessed" / folder.name / "labelsets"
+        if not (labelsets / "pseudo" / f"{name}.nii.gz").is_file():
+            run_command(["mipseg_pseudolabel", "-d", d], env, "real_vessels")
+        if not (labelsets / "published" / f"{name}.nii.gz").is_file():
+            run_command(["mipseg_pseudolabel", "-d", d, "--rule", "published", "--name", "published"], env,
+                        "real_vessels")  # fmt: skip
+        image = io.read_image(folder / "imagesTs" / f"{name}_0000.nii.gz", dtype=np.float32)[0]
+        truth = io.read_image(folder / "labelsTs" / f"{name}.nii.gz")[0] > 0
+        train_truth = io.read_image(folder / "labelsTr" / f"{name}.nii.gz")[0] > 0
+        rows = baselines(image, truth)
+        for labels in ("published", "pseudo"):
+            pseudo = io.read_image(labelsets / labels / f"{name}.nii.gz")[0] == 1
+            rows[f"pseudo-labels {labels} (train part)"] = scores(train_truth, pseudo)
+        for model in args.models:
+            labels, trainer, extra = MODELS[model]
+            tag = model.replace(" ", "_")
+            if not (work / f"trained_{d}_{tag}").is_file():  # marker written after a finished training
+                start = time.time()
+                run_command(["mipseg_train", "-d", d, "-f", "all", "--labels", labels, "--trainer", trainer,
+                             "--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters_per_epoch),
+                             "--val-iters", "2", "--device", "cpu", "--seed", str(args.seed), *extra],
+                            env, "real_vessels")  # fmt: skip
+                (work / f"trained_{d}_{tag}").write_text(f"{time.time() - start:.0f}")
+            output = work / f"predictions_{d}_{tag}"
+            if not (output / f"{name}.nii.gz").is_file():
+                run_command(["mipseg_predict", "-i", str(folder / "imagesTs"), "-o", str(output), "-d", d,
+                             "-f", "all", "--labels", labels, "--trainer", trainer, "--device", "cpu",
+                             "--disable-tta"], env, "real_vessels")  # fmt: skip
+            prediction = io.read_image(output / f"{name}.nii.gz")[0] > 0
+            rows[f"model {model}"] = scores(truth, prediction)
+            rows[f"model {model}"]["train_s"] = float((work / f"trained_{d}_{tag}").read_text())
+        results[name] = rows
+        print_table(name, rows)
+    (work / "real_vessels.json").write_text(json.dumps(results, indent=2))
+    print(f"results in {work / 'real_vessels.json'}", file=sys.stderr)
+
+
+def print_table(name: str, rows: dict[str, dict[str, float]]) -> None:
+    """Markdown table of one volume, with the ratio weak / dense of every model row."""
+    dense = rows.get("model dense", {}).get("dice", float("nan"))
+    print(f"\n{name}: test sub-volume (pseudo-labels: training sub-volume)\n")
+    print("| method | Dice | clDice | recall | Dice / dense |")
+    print("|---|---|---|---|---|")
+    for method, row in rows.items():
+        print(
+            f"| {method} | {row['dice']:.3f} | {row['cldice']:.3f} | {row['recall']:.3f} | "
+            f"{row['dice'] / dense:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
