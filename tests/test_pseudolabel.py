@@ -275,8 +275,15 @@ def test_stage_writes_a_label_set_that_round_trips(data_roots: dict[str, Path]) 
         for axis in (0, 1):
             rgb = _read_rgb(folder / "qc" / f"{case.case_id}_mip{axis}.png")
             assert rgb.shape == (*annotations[axis].shape, 3)
+            # green: drawn and in S_1; yellow: S_1 off the drawing; red: drawn, missed by S_1
+            projection = (labels == 1).any(axis=axis)
             red = (rgb[..., 0] > rgb[..., 1] + 60) & (rgb[..., 0] > rgb[..., 2] + 60)
-            assert red[annotations[axis]].mean() > 0.9 and not red[~annotations[axis]].any()
+            green = (rgb[..., 1] > rgb[..., 0] + 60) & (rgb[..., 1] > rgb[..., 2] + 60)
+            yellow = (rgb[..., 0] > rgb[..., 2] + 60) & (rgb[..., 1] > rgb[..., 2] + 60) & ~red & ~green
+            drawn = annotations[axis]
+            assert np.array_equal(red, drawn & ~projection)
+            assert np.array_equal(green, drawn & projection) and (drawn & projection).mean() > 0.01
+            assert np.array_equal(yellow, projection & ~drawn)
     assert report["summary"]["num_cases_scored"] == 2
     assert (raw / "labelsTr").is_dir()  # truth untouched, only read for the report
 
