@@ -244,3 +244,25 @@ def test_challenge_entry_script_on_folders(data_roots, tmp_path: Path) -> None:
         text=True,
     )
     assert failed.returncode == 2 and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_predict_m_uses_the_packaged_checkpoint_and_refuses_model_choice_flags(
+    data_roots, tmp_path: Path
+) -> None:
+    name = _trained(data_roots)
+    images = data_roots["raw"] / name / "imagesTr"
+    fold = data_roots["results"] / name / MODEL / "fold_0"
+    expected = _predict(["-i", str(images), "-d", name], tmp_path / "expected")
+    shutil.move(fold / "checkpoint_final.pt", fold / "checkpoint_best.pt")  # only a best checkpoint
+    package = tmp_path / "best.zip"
+    assert _exit_code(export_main, ["-d", name, "-o", str(package), "--checkpoint", "best"]) == 0
+    assert read_manifest(package)["checkpoint"] == "best"
+    # no -chk: the package's own checkpoint kind is used, not "final"
+    got = _predict(["-i", str(images), "-m", str(package)], tmp_path / "got")
+    assert _label_maps(got, tmp_path / "got").keys() == expected.keys()
+    for case, array in _label_maps(got, tmp_path / "got").items():
+        assert np.array_equal(array, _label_maps(expected, tmp_path / "expected")[case])
+    for flags in (["--trainer", "plain"], ["--labels", "pseudo"]):  # -m already fixes the model
+        argv = ["-i", str(images), "-o", str(tmp_path / "refused"), "-m", str(package), *flags]
+        assert _exit_code(predict_main, argv) == 2
+    assert not (tmp_path / "refused").exists()

@@ -10,6 +10,7 @@ is reported at the end; the other cases are still predicted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -251,11 +252,36 @@ def predict_folder(
         raise InputError("name the model with -d DATASET or with -m MODEL, one of the two")
     with contextlib.ExitStack() as stack:
         if models:
+            if settings.trainer is not None or labels is not None:
+                raise InputError(
+                    "-m MODEL fixes the trainer and the label set; drop --trainer/--labels "
+                    "(they choose a model of -d DATASET)"
+                )
             model_dirs = [folder for m in models for folder in stack.enter_context(opened_models(m))]
+            settings = dataclasses.replace(
+                settings, checkpoint=packaged_checkpoint(model_dirs, settings.checkpoint)
+            )
         else:
             model_dirs = [resolve_model_dir(dataset, settings.trainer, labels)]
         run = _Run(inputs, Path(output), dataset, labels, settings, resume, device, show_progress)
         return _predict(model_dirs, run, num_parts, part_id)
+
+
+def packaged_checkpoint(model_dirs: Sequence[Path], requested: str) -> str:
+    """The checkpoint kind to load from packaged model folders.
+
+    A package holds one checkpoint kind (``mipseg_export_model --checkpoint``); when the default
+    ``final`` was asked for and the folders hold only another kind, that kind is used instead of
+    failing with "no fold holds checkpoint_final.pt".
+    """
+    kinds = {
+        path.stem.removeprefix("checkpoint_")
+        for folder in model_dirs
+        for path in folder.glob("fold_*/checkpoint_*.pt")
+    }
+    if requested == "final" and "final" not in kinds and len(kinds) == 1:
+        return kinds.pop()
+    return requested
 
 
 @dataclass(frozen=True)
