@@ -261,6 +261,25 @@ def test_concurrent_saves_never_leave_a_half_file(vessels: Path) -> None:
     assert not [p for p in path.parent.iterdir() if ".partial-" in p.name]
 
 
+def test_every_slice_of_suggest_n_is_marked(organs: Path) -> None:
+    io.write_json(  # mipseg_propagate --suggest 2: the best slice first, then the one that adds most
+        {"cases": {"organs_000": {"slice": 7, "slices": [7, 3], "axis": 0}}},
+        paths.preprocessed_dataset_dir(982) / "suggested_slices.json",
+    )
+    client = client_for(982)
+    entry = next(
+        c for c in client.get("/api/dataset", headers=HEADERS).json()["cases"] if c["case"] == "organs_000"
+    )
+    assert entry["suggested_slice"] == 7 and entry["suggested_slices"] == [7, 3]
+    meta = {
+        index: __import__("json").loads(
+            client.get(f"/api/cases/organs_000/slice/{index}/plane", headers=HEADERS).headers["x-mipseg-meta"]
+        )["suggested"]
+        for index in (7, 3, 5)
+    }
+    assert meta == {7: True, 3: True, 5: False}
+
+
 def test_slice_mode_new_slices_suggestion_and_delete(organs: Path) -> None:
     io.write_json(
         {"cases": {"organs_000": {"slice": 7, "axis": 0}}},

@@ -110,7 +110,9 @@ class AnnotateSession:
         entries = []
         for position, case_id in enumerate(self.store.case_ids):
             entry = self.store.case_summary(case_id)
-            entry["suggested_slice"] = self.suggested.get(case_id)
+            suggested = self.suggested.get(case_id, [])
+            entry["suggested_slices"] = suggested
+            entry["suggested_slice"] = suggested[0] if suggested else None
             entry["expected_changes"] = (
                 self.model.case_expected_changes(case_id, entry["suggested_slice"]) if self.model else None
             )
@@ -174,7 +176,9 @@ def create_app(session: AnnotateSession, token: str) -> TokenGate:
         image = session.views.plane(target)
         meta = session.views.describe(target)
         meta.update(minimum=float(image.min()), maximum=float(image.max()))
-        meta["suggested"] = session.suggested.get(target.case_id) == target.index
+        meta["suggested"] = target.kind == "slice" and target.index in session.suggested.get(
+            target.case_id, []
+        )
         return binary(image, "<f4", meta)
 
     def depth(request: Request) -> Response:

@@ -107,13 +107,20 @@ class CaseViews:
         return {"rows": rows, "cols": cols, "low": low, "high": high, "spacing": spacing}
 
 
-def suggested_slices(dataset_name: str) -> dict[str, int]:
-    """``{case: slice}`` from ``mipseg_propagate --suggest`` (empty if it has not run)."""
+def suggested_slices(dataset_name: str) -> dict[str, list[int]]:
+    """``{case: [slice, ...]}`` from ``mipseg_propagate --suggest N`` (empty if it has not run).
+
+    The first slice is the best single one; ``--suggest N`` adds the others that together cover
+    the organ best (``slices`` of suggested_slices.json).
+    """
     path: Path = paths.preprocessed_dataset_dir(dataset_name) / "suggested_slices.json"
     if not path.is_file():
         return {}
     try:
         cases = io.read_json(path).get("cases", {})
-        return {case: int(entry["slice"]) for case, entry in cases.items()}
+        return {
+            case: [int(index) for index in entry.get("slices", [entry["slice"]])]
+            for case, entry in cases.items()
+        }
     except (InputError, AttributeError, KeyError, TypeError, ValueError):
         return {}  # a broken suggestion file only loses the mark, the page still works

@@ -415,7 +415,10 @@ el.axis.onchange = () => openTarget(S.target.case, "mip", Number(el.axis.value))
 el.slice.oninput = () => openTarget(S.target.case, "slice", Number(el.slice.value));
 el["goto-suggested"].onclick = () => {
   const entry = caseEntry(S.target.case);
-  if (entry && entry.suggested_slice != null) openTarget(S.target.case, "slice", entry.suggested_slice);
+  if (!entry || !entry.suggested_slices.length) return;
+  // each press goes to the next suggested slice (--suggest N proposes several per case)
+  const later = entry.suggested_slices.filter((k) => k > S.target.index);
+  openTarget(S.target.case, "slice", later.length ? Math.min(...later) : Math.min(...entry.suggested_slices));
 };
 el["prefill-source"].onchange = () => {
   el["threshold-group"].classList.toggle("hidden", el["prefill-source"].value !== "threshold");
@@ -658,12 +661,12 @@ function syncViewControls() {
     el.slice.max = String(entry.shape[0] - 1);
     el.slice.value = String(t.index);
     const marks = [];
-    if (entry.suggested_slice != null) marks.push(entry.suggested_slice);
+    marks.push(...entry.suggested_slices);
     for (const d of entry.targets) marks.push(d.index);
     el["slice-marks"].innerHTML = marks.map((m) => `<option value="${m}"></option>`).join("");
     const drawn = entry.targets.some((d) => d.index === t.index);
     el["slice-label"].textContent = `${t.index} / ${entry.shape[0] - 1}` +
-      (entry.suggested_slice === t.index ? "  \u2605 suggested" : "") + (drawn ? "  (drawn)" : "");
+      (entry.suggested_slices.includes(t.index) ? "  \u2605 suggested" : "") + (drawn ? "  (drawn)" : "");
     el["goto-suggested"].disabled = entry.suggested_slice == null;
   }
 }
