@@ -53,6 +53,7 @@ SETTINGS = {
     "calibrated floor0.7": {"seed_floor": 0.7},
     "calibrated bg0.2": {"background_factor": 0.2},
     "calibrated bg0.35": {"background_factor": 0.35},
+    "calibrated bg0": {"background_factor": 0.0},
     "calibrated (default)": {},
 }
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -107,6 +107,12 @@ MODELS = {  # name -> (label set, trainer, extra train flags)
     "pseudo plain": ("pseudo", "plain", []),
     "pseudo mip": ("pseudo", "mip", []),
     "published mip": ("published", "mip", []),  # the same trainer on the published rule's labels
+    "bg0 mip": ("pseudo_bg0", "mip", []),  # calibrated rule with S_0 only below the background median
+}
+LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
+    "pseudo": [],
+    "published": ["--rule", "published"],
+    "pseudo_bg0": ["--background-factor", "0"],
 }
 
 
@@ -140,16 +146,16 @@ def main() -> None:
             write_dataset(work / "raw", FIRST_ID + index, name, args.train_fraction, tuple(args.axes))
             run_command(["mipseg_plan", "-d", d, "--device", "cpu"], env, "real_vessels")
         labelsets = work / "preprocessed" / folder.name / "labelsets"
-        if not (labelsets / "pseudo" / f"{name}.nii.gz").is_file():
-            run_command(["mipseg_pseudolabel", "-d", d], env, "real_vessels")
-        if not (labelsets / "published" / f"{name}.nii.gz").is_file():
-            run_command(["mipseg_pseudolabel", "-d", d, "--rule", "published", "--name", "published"], env,
-                        "real_vessels")  # fmt: skip
+        needed = {"pseudo", "published"} | {MODELS[model][0] for model in args.models} - {"dense"}
+        for labels in sorted(needed):
+            if not (labelsets / labels / f"{name}.nii.gz").is_file():
+                run_command(["mipseg_pseudolabel", "-d", d, "--name", labels, *LABEL_SETS[labels]], env,
+                            "real_vessels")  # fmt: skip
         image = io.read_image(folder / "imagesTs" / f"{name}_0000.nii.gz", dtype=np.float32)[0]
         truth = io.read_image(folder / "labelsTs" / f"{name}.nii.gz")[0] > 0
         train_truth = io.read_image(folder / "labelsTr" / f"{name}.nii.gz")[0] > 0
         rows = baselines(image, truth)
-        for labels in ("published", "pseudo"):
+        for labels in sorted(needed):
             pseudo = io.read_image(labelsets / labels / f"{name}.nii.gz")[0] == 1
             rows[f"pseudo-labels {labels} (train part)"] = scores(train_truth, pseudo)
         for model in args.models:

@@ -34,8 +34,13 @@ REFERENCES = ("global", "ray")
 # or three axes; 0.5 buys recall on the real volumes but drops precision to 0.73-0.82 on one-axis
 # synthetic vessels.
 GROW_FACTOR = 0.7
-# 0 = below the median of the unannotated rays: S_0 error <= 3.1 % on all four sources.
-BACKGROUND_FACTOR = 0.0
+# Chosen by the models trained on the labels, not by S_0 error alone (documentation/pseudolabel.md):
+# 0 (below the median of the unannotated rays) keeps S_0 error <= 3.1 % on all four sources but leaves
+# the brighter half of the background unlabelled, and the mip trainer then learns the median as the
+# vessel edge (synthetic demo data: Dice 0.54-0.57, precision 0.42); 0.5 labels 75-99 % of the voxels as
+# S_0 and trains better models on every source measured (synthetic +0.17-0.19, octa +0.011,
+# lightsheet +0.011 Dice), at an S_0 error of up to 13 % on octa_vessels.
+BACKGROUND_FACTOR = 0.5
 REFERENCE = "global"
 
 
