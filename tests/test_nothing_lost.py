@@ -20,6 +20,7 @@ from _training_helpers import tiny_plans, write_tiny_dataset
 from mipseg import io
 from mipseg.errors import InputError
 from mipseg.inference.predict_api import PredictionSettings, predict_folder
+from mipseg.planning.planner import default_resampling
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import train_api
 from mipseg.training.loop import TrainingConfig
@@ -27,15 +28,6 @@ from mipseg.training.train_api import train_fold
 
 torch.set_num_threads(1)
 BIN = Path(sys.executable).parent
-RESAMPLING = {
-    "data_order": 3,
-    "data_order_z": 0,
-    "seg_order": 1,
-    "seg_order_z": 0,
-    "probabilities_order": 1,
-    "probabilities_order_z": 0,
-    "separate_z_anisotropy_threshold": 3.0,
-}
 QUICK = [
     "--epochs",
     "2",
@@ -73,7 +65,7 @@ def _env() -> dict[str, str]:
 def trained(data_roots) -> tuple[str, Path]:
     """A tiny dataset with fold 0 trained (1 epoch of 1 iteration); returns (name, fold_0)."""
     plans = tiny_plans()
-    plans.resampling = dict(RESAMPLING)  # prediction resamples (the identity here)
+    plans.resampling = default_resampling()  # prediction resamples (the identity here)
     name = write_tiny_dataset(data_roots, num_cases=3, plans=plans)
     return name, train_fold(name, 0, config=_config(), show_progress=False)
 

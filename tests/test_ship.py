@@ -18,6 +18,7 @@ from mipseg.cli.export_model import main as export_main
 from mipseg.cli.install_model import main as install_main
 from mipseg.cli.predict import main as predict_main
 from mipseg.inference.model_package import read_manifest
+from mipseg.planning.planner import default_resampling
 from mipseg.training.loop import TrainingConfig
 from mipseg.training.train_api import train_fold
 
@@ -33,16 +34,7 @@ def _exit_code(main, argv: list[str]) -> int:
 
 def _trained(data_roots) -> str:
     """The tiny dataset of the training tests with fold 0 trained on the smallest budget they use."""
-    resampling = {
-        "data_order": 3,
-        "data_order_z": 0,
-        "seg_order": 1,
-        "seg_order_z": 0,
-        "probabilities_order": 1,
-        "probabilities_order_z": 0,
-        "separate_z_anisotropy_threshold": 3.0,
-    }
-    plans = dataclasses.replace(tiny_plans(patch_size=(16, 32, 32)), resampling=resampling)
+    plans = dataclasses.replace(tiny_plans(patch_size=(16, 32, 32)), resampling=default_resampling())
     name = write_tiny_dataset(data_roots, plans=plans)  # prediction needs the resampling orders
     config = TrainingConfig(
         epochs=2, iters_per_epoch=2, val_iters=1, num_workers=0, device="cpu", save_every=1
