@@ -35,7 +35,9 @@ TISSUE_INTENSITY = 250.0
 FAT_INTENSITY = 600.0
 MAX_ORGAN_CLASSES = 4  # the organ and up to three labelled neighbours
 MAX_PLACEMENT_TRIES = 40  # neighbours tried before a multi-organ volume gives up (tiny shapes)
-MIN_NEIGHBOUR_SHARE = 0.05  # a labelled neighbour's least volume, as a share of the organ's
+MIN_NEIGHBOUR_SHARE = 0.12  # a labelled neighbour's least volume, as a share of the organ's
+LABELLED_SCALE = (0.6, 0.9)  # a labelled neighbour's semi-axes, times the organ's size (look-alikes 0.5-0.8)
+CROSSED_SHARE = 0.2  # a labelled neighbour covers the organ's middle slice +- this share of its slices
 
 
 def _organ_shape(
@@ -83,9 +85,12 @@ def _touching_neighbours(
     """Two or three ellipsoids centred just outside the organ surface, cut by the organ so they touch it.
 
     ``labelled``: the first that many neighbours are to become classes of their own, so each is placed
-    (up to ``MAX_PLACEMENT_TRIES`` tries) across the organ's middle slice and its two neighbours, with at
-    least ``MIN_NEIGHBOUR_SHARE`` of the organ's volume: propagation can only follow a class that the
-    drawn slice holds. Unlabelled look-alikes follow, up to the usual two or three neighbours in all.
+    (up to ``MAX_PLACEMENT_TRIES`` tries) in-plane next to the organ's middle slice, somewhat larger
+    than a look-alike (``LABELLED_SCALE``), and kept if it covers that slice and ``CROSSED_SHARE`` of
+    the organ's slices on each side (at least one) with at least ``MIN_NEIGHBOUR_SHARE`` of the
+    organ's volume: propagation can only follow a class that the drawn slice holds, and a drawn slice
+    need not be the organ's middle one (in crowded volumes the second half of the tries relaxes both).
+    Unlabelled look-alikes follow, up to the usual two or three neighbours in all.
     With the default 0 the random draws are those of the one-class volumes, so those stay unchanged.
 
     Returns a list of boolean ``(z, y, x)`` masks, disjoint from the organ and each other, inside the body
@@ -102,16 +107,26 @@ def _touching_neighbours(
     if labelled:
         occupied = np.flatnonzero(organ.any(axis=(1, 2)))
         middle = int((occupied[0] + occupied[-1]) // 2)  # the "middle" slice of an organ-only drawing
+        crossed = max(1, round(CROSSED_SHARE * len(occupied)))
         central = surface[np.abs(surface[:, 0] - middle) <= 1]
         min_voxels = MIN_NEIGHBOUR_SHARE * np.count_nonzero(organ)
-        for _ in range(MAX_PLACEMENT_TRIES):
+        for attempt in range(MAX_PLACEMENT_TRIES):
             if len(neighbours) == labelled:
                 break
-            neighbour = _neighbour_at(grid, central, organ_centre, spacing, size, taken, rng)
-            crosses = neighbour[max(middle - 1, 0) : middle + 2].any(axis=(1, 2)).all()
-            if crosses and np.count_nonzero(neighbour) >= min_voxels:
+            neighbour = _neighbour_at(
+                grid, central, organ_centre, spacing, size, taken, rng, scale=LABELLED_SCALE, in_plane=True
+            )
+            # Crowded (small) volumes: the second half of the tries asks only for the middle slice and
+            # a volume share that shrinks towards zero.
+            strict = attempt < MAX_PLACEMENT_TRIES // 2
+            reach = crossed if strict else 0
+            around = neighbour[max(middle - reach, 0) : middle + reach + 1]
+            least = min_voxels if strict else min_voxels * 2 * (1 - attempt / MAX_PLACEMENT_TRIES)
+            if around.any(axis=(1, 2)).all() and np.count_nonzero(neighbour) >= max(least, 1):
                 neighbours.append(neighbour)
                 taken |= neighbour
+        if len(neighbours) < labelled:
+            return neighbours  # too few fit: the caller says so
     for _ in range(max(count - labelled, 0)):
         neighbour = _neighbour_at(grid, band, organ_centre, spacing, size, taken, rng)
         if neighbour.any():
@@ -128,12 +143,21 @@ def _neighbour_at(
     size: float,
     taken: np.ndarray,
     rng: np.random.Generator,
+    *,
+    scale: tuple[float, float] = (0.5, 0.8),
+    in_plane: bool = False,
 ) -> np.ndarray:
-    """One ellipsoid just outside a random point of ``surface`` (voxel indices), minus ``taken``."""
+    """One ellipsoid just outside a random point of ``surface`` (voxel indices), minus ``taken``.
+
+    Semi-axes are ``size`` times a uniform draw from ``scale``; ``in_plane`` pushes the centre
+    outwards within the point's slice only, so the neighbour stays centred on that slice.
+    """
     surface_point = surface[rng.integers(len(surface))] * np.asarray(spacing)
     outward = surface_point - organ_centre
+    if in_plane:
+        outward[0] = 0.0
     outward /= np.linalg.norm(outward) + 1e-6
-    axes = size * rng.uniform(0.5, 0.8, 3)
+    axes = size * rng.uniform(*scale, 3)
     centre = surface_point + outward * axes.min() * 0.6
     return (ellipsoid_level(grid, centre, axes, random_rotation(rng)) < 1.0) & ~taken
 
