@@ -37,6 +37,7 @@ MAX_ORGAN_CLASSES = 4  # the organ and up to three labelled neighbours
 MAX_PLACEMENT_TRIES = 40  # neighbours tried before a multi-organ volume gives up (tiny shapes)
 MIN_NEIGHBOUR_SHARE = 0.12  # a labelled neighbour's least volume, as a share of the organ's
 LABELLED_SCALE = (0.6, 0.9)  # a labelled neighbour's semi-axes, times the organ's size (look-alikes 0.5-0.8)
+LABELLED_CONTRAST = (0.8, 1.2, 0.7)  # brightness of labelled neighbour 1, 2, 3 relative to a look-alike
 CROSSED_SHARE = 0.2  # a labelled neighbour covers the organ's middle slice +- this share of its slices
 
 
@@ -226,9 +227,12 @@ def make_organ_volume(
     image = np.where(fat, FAT_INTENSITY, image).astype(np.float32)
     organ_texture = 1.0 + 0.06 * smooth_field(shape, spacing, 2.0, rng)
     image[organ] = (ORGAN_INTENSITY * organ_texture)[organ]
-    for neighbour in neighbours:
-        # Similar brightness: within about 8% of the organ, with its own texture scale.
+    for index, neighbour in enumerate(neighbours):
+        # Similar brightness: within about 8% of the organ, with its own texture scale; a labelled
+        # neighbour is an organ of another kind, with its own contrast (as spleen or kidney to liver).
         brightness = ORGAN_INTENSITY * rng.uniform(0.92, 1.08)
+        if index < organ_classes - 1:
+            brightness *= LABELLED_CONTRAST[index]
         texture = 1.0 + 0.06 * smooth_field(shape, spacing, rng.uniform(1.5, 4.0), rng)
         image[neighbour] = (brightness * texture)[neighbour]
     # Partial volume: soften every edge by about one voxel (slice profile along z, blur in-plane).
