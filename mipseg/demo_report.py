@@ -13,6 +13,10 @@ Dice definitions (all against the dense truth the synthetic data comes with):
   foreground of the training cases, as the label set's ``report.json`` gives it (ignore = not
   foreground; ``summary.foreground_dice`` of :mod:`mipseg.labelset`), mean over cases.
 * models: mean Dice over the test cases from the ``summary.json`` of ``mipseg_evaluate``.
+
+Multi-organ datasets (``mipseg_synthesize --organ-classes N``) get a second table with the organ rows
+per class: each class's Dice (label sets: ``summary.agreement_mean[class].dice`` of ``report.json``;
+models: ``mean[value].Dice`` of ``summary.json``) and their mean, which is the first table's Dice.
 """
 
 from __future__ import annotations
@@ -49,6 +53,16 @@ class Row:
     method: str
     scored_on: str
     dice: float
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """One line of the per-class table: an organ row of :class:`Row`, Dice per foreground class."""
+
+    method: str
+    scored_on: str
+    dice: dict[str, float]  # class name -> Dice (NaN where undefined)
+    mean: float  # the Dice of the same row in the main table
 
 
 def summary_dice(summary_path: Path) -> float:
@@ -94,19 +108,40 @@ def vessel_rows(dataset_id: int | str) -> list[Row]:
 
 def organ_rows(dataset_id: int | str) -> list[Row]:
     """Registration vs flow propagation of the annotated slices, and the model trained on flow labels."""
+    return [Row("organs", row.method, row.scored_on, row.mean) for row in organ_class_rows(dataset_id)]
+
+
+def organ_class_rows(dataset_id: int | str) -> list[ClassRow]:
+    """The organ rows with the Dice of every foreground class of the dataset (see the module docstring)."""
+    classes = {
+        name: value
+        for name, value in load_dataset(dataset_id, read_voxels=False).spec.class_labels.items()
+        if value != 0
+    }
     rows = []
     for labelset in LabelSet.all_of(dataset_id):
         report = labelset.read_report()
         if "method" not in report or "foreground_dice" not in report["summary"]:
             continue  # not a propagated set, or no dense truth to score it against
+        means = report["summary"].get("agreement_mean", {})
+        dice = {name: _number(means.get(name, {}).get("dice")) for name in classes}
         method = f"{report['method']} propagation ({labelset.name})"
-        rows.append(Row("organs", method, "train cases", labelset.foreground_dice()))
-    for summary in sorted(
+        rows.append(ClassRow(method, "train cases", dice, labelset.foreground_dice()))
+    for summary_path in sorted(
         (paths.results_dataset_dir(dataset_id) / PREDICTIONS_FOLDER).glob("*/summary.json")
     ):
-        name = summary.parent.name
-        rows.append(Row("organs", f"model on {name} labels", "test cases", summary_dice(summary)))
+        summary = io.read_json(summary_path)
+        dice = {
+            name: _number(summary["mean"].get(str(value), {}).get("Dice")) for name, value in classes.items()
+        }
+        method = f"model on {summary_path.parent.name} labels"
+        rows.append(ClassRow(method, "test cases", dice, summary_dice(summary_path)))
     return rows
+
+
+def _number(value: float | None) -> float:
+    """A Dice from a JSON file; None (undefined) becomes NaN, shown as n/a."""
+    return math.nan if value is None else float(value)
 
 
 def overlay(background: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -> np.ndarray:
@@ -204,6 +239,20 @@ def results_table(rows: list[Row]) -> Table:
     return table
 
 
+def class_table(rows: list[ClassRow]) -> Table:
+    """The rich table of the per-class rows: one column per class, then their mean."""
+    table = Table(title="organs per class: Dice against the dense synthetic truth")
+    names = list(rows[0].dice) if rows else []
+    for column in ("method", "scored on"):
+        table.add_column(column, justify="left")
+    for column in [*names, "mean"]:
+        table.add_column(column, justify="right")
+    for row in rows:
+        values = [row.dice[name] for name in names] + [row.mean]
+        table.add_row(row.method, row.scored_on, *("n/a" if math.isnan(v) else f"{v:.3f}" for v in values))
+    return table
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the demo table and the QC picture paths; optionally write the rows as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -211,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--organs", help="organ dataset id or name (slice-annotated demo)")
     parser.add_argument("--json", type=Path, help="also write the rows and picture paths to this file")
     args = parser.parse_args(argv)
-    rows = (vessel_rows(args.vessels) if args.vessels else []) + (
-        organ_rows(args.organs) if args.organs else []
-    )
+    class_rows = organ_class_rows(args.organs) if args.organs else []
+    rows = (vessel_rows(args.vessels) if args.vessels else []) + [
+        Row("organs", row.method, row.scored_on, row.mean) for row in class_rows
+    ]
     pictures = qc_pictures(args.vessels, args.organs)
     console = Console()
     console.print("QC pictures (overlays: green = agrees, yellow = extra / false positive, red = missed):")
@@ -222,10 +272,13 @@ def main(argv: list[str] | None = None) -> None:
         for path in files:
             console.print(f"    {path}", soft_wrap=True)
     console.print(results_table(rows))
+    if class_rows and len(class_rows[0].dice) > 1:  # one class: the main table says it all
+        console.print(class_table(class_rows))
     if args.json is not None:
         io.write_json(
             {
                 "rows": [asdict(row) for row in rows],
+                "organ_classes": [asdict(row) for row in class_rows],
                 "qc_pictures": {kind: [str(p) for p in files] for kind, files in pictures.items()},
             },
             args.json,

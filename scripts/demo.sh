@@ -15,6 +15,7 @@
 #   DEMO_DENSE_EPOCHS                epochs of each dense-label fold model (default DEMO_EPOCHS)
 #   DEMO_PASSES                      stochastic passes of mipseg_refine
 #   DEMO_ORGAN_CASES / DEMO_ORGAN_SHAPE / DEMO_ORGAN_TEST_CASES   the organ dataset
+#   DEMO_ORGAN_CLASSES               labelled organs per volume, 1..4 (3: the organ and two neighbours)
 #   DEMO_ORGAN_EPOCHS                epochs of the model trained on propagated labels
 #   DEMO_FLOW_ITERS                  training iterations of the propagation flow model
 #   DEMO_NP                          worker processes of plan / evaluate
@@ -41,6 +42,7 @@ PASSES=${DEMO_PASSES:-2}
 ORGAN_CASES=${DEMO_ORGAN_CASES:-4}
 ORGAN_TEST_CASES=${DEMO_ORGAN_TEST_CASES:-2}
 read -r -a ORGAN_SHAPE <<<"${DEMO_ORGAN_SHAPE:-24 48 48}"
+ORGAN_CLASSES=${DEMO_ORGAN_CLASSES:-3}
 ORGAN_EPOCHS=${DEMO_ORGAN_EPOCHS:-4}
 FLOW_ITERS=${DEMO_FLOW_ITERS:-60}
 NP=${DEMO_NP:-2}
@@ -167,9 +169,9 @@ run mipseg_analyze -i "$VESSEL_RESULTS/demo_predictions/refined" -o "$VESSEL_RES
 	echo "   mipseg_analyze reported the case(s) above (exit status 2); the demo goes on"
 
 # ----------------------------------------------------------------------------------------------- organs
-step "synthesize an organ dataset with one annotated slice per case (Dataset${ORGAN_ID})"
-run mipseg_synthesize -d "$ORGAN_ID" --kind organs --cases "$ORGAN_CASES" --test-cases "$ORGAN_TEST_CASES" \
-	--shape "${ORGAN_SHAPE[@]}" --seed 0 --overwrite
+step "synthesize $ORGAN_CLASSES touching organs per volume, one annotated slice per case (Dataset${ORGAN_ID})"
+run mipseg_synthesize -d "$ORGAN_ID" --kind organs --organ-classes "$ORGAN_CLASSES" --cases "$ORGAN_CASES" \
+	--test-cases "$ORGAN_TEST_CASES" --shape "${ORGAN_SHAPE[@]}" --seed 0 --overwrite
 ORGAN_RAW=$(py "from mipseg import paths; print(paths.raw_dataset_dir($ORGAN_ID))")
 ORGAN_RESULTS=$(py "from mipseg import paths; print(paths.results_dataset_dir($ORGAN_ID))")
 run mipseg_plan -d "$ORGAN_ID" -np "$NP"
@@ -177,7 +179,7 @@ run mipseg_plan -d "$ORGAN_ID" -np "$NP"
 step "train the self-supervised flow model and suggest the slice to annotate per case"
 run mipseg_propagate -d "$ORGAN_ID" --suggest 1 --iters "$FLOW_ITERS"
 
-step "the annotator draws the suggested slices (simulated: the synthetic truth on those slices)"
+step "the annotator draws the suggested slices (simulated: the synthetic truth, every class, on those slices)"
 run py "from mipseg import paths; from mipseg.synthetic import annotate_suggested_slices as draw; \
 print(draw($ORGAN_ID, paths.preprocessed_dataset_dir($ORGAN_ID) / 'suggested_slices.json'))"
 

@@ -46,6 +46,7 @@ VESSEL_ROWS = (
     "dense-label upper bound",
 )
 ORGAN_ROWS = ("registration propagation", "flow propagation", "model on propagated labels")
+ORGAN_CLASSES = ["organ", "neighbour_1", "neighbour_2"]  # the demo's default --organ-classes 3
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +100,20 @@ def test_demo_runs_every_stage_and_prints_the_table(
         assert not math.isnan(row["dice"]) and 0.0 <= row["dice"] <= 1.0, row
         assert f"{row['dice']:.3f}" in finished.stdout
 
+    # The organ rows again, per class: every class of the multi-organ dataset, their mean = the row's Dice.
+    assert "organs per class" in finished.stdout
+    organ_rows = {row["method"]: row for row in report["rows"] if row["pipeline"] == "organs"}
+    class_rows = report["organ_classes"]
+    assert [row["method"] for row in class_rows] == list(organ_rows)
+    for expected in ORGAN_ROWS:
+        assert any(row["method"].startswith(expected) for row in class_rows), expected
+    for row in class_rows:
+        assert list(row["dice"]) == ORGAN_CLASSES, row
+        values = list(row["dice"].values())
+        assert all(0.0 <= value <= 1.0 for value in values), row
+        assert row["mean"] == pytest.approx(organ_rows[row["method"]]["dice"])
+        assert row["mean"] == pytest.approx(sum(values) / len(values)), row
+
 
 def test_demo_writes_every_stage_output(demo_run: tuple[subprocess.CompletedProcess[str], Path]) -> None:
     finished, root = demo_run
@@ -121,6 +136,10 @@ def test_demo_writes_every_stage_output(demo_run: tuple[subprocess.CompletedProc
         assert len(list(predictions.glob("*.nii.gz"))) == 1
         assert (predictions / "summary.json").is_file()
     assert (results / organs / "demo_predictions" / "propagated" / "summary.json").is_file()
+    # the organ dataset has three classes, and the simulated drawings hold the classes of their slice
+    spec = json.loads((root / "raw" / organs / "dataset.json").read_text())
+    assert list(spec["labels"]) == ["background", *ORGAN_CLASSES]
+    assert sorted((root / "raw" / organs / "annotationsTr").glob("*.png"))
 
     # QC pictures exist and their paths are printed.
     pictures = json.loads((root / "demo_report.json").read_text())["qc_pictures"]

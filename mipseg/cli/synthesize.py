@@ -52,6 +52,13 @@ def synthesize(
     slice_choice: Annotated[
         str, typer.Option("--slice", help="Organs: annotated slice, 'middle', 'largest' or an index K.")
     ] = "middle",
+    organ_classes: Annotated[
+        int,
+        typer.Option(
+            "--organ-classes",
+            help="Organs: labelled classes 1..4; N > 1 also labels N-1 touching neighbours (neighbour_K).",
+        ),
+    ] = 1,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -73,9 +80,12 @@ def synthesize(
             num_test_cases=test_cases,
             annotator_noise=annotator_noise,
             slice_choice=slice_choice,
+            organ_classes=organ_classes,
             overwrite=overwrite,
         )
     annotation = f"MIP axes {list(axes)}" if kind == "vessels" else f"slice '{slice_choice}'"
+    if organ_classes > 1:
+        annotation += f", {organ_classes} organ classes"
     console = Console()
     console.print(f"wrote {folder}", highlight=False, soft_wrap=True)
     console.print(

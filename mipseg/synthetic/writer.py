@@ -22,7 +22,7 @@ from mipseg.synthetic.annotation import (
     simulate_mip_annotation,
     simulate_slice_annotation,
 )
-from mipseg.synthetic.organs import make_organ_volume
+from mipseg.synthetic.organs import MAX_ORGAN_CLASSES, make_organ_volume
 from mipseg.synthetic.vessels import make_vessel_volume
 
 KINDS = ("vessels", "organs")
@@ -45,6 +45,7 @@ def synthesize_dataset(
     num_test_cases: int = 2,
     annotator_noise: bool = False,
     slice_choice: str | int = "middle",
+    organ_classes: int = 1,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -67,6 +68,11 @@ def synthesize_dataset(
         identical files, and a case does not depend on how many cases are made.
     annotator_noise
         Vessels only: simulate annotator imperfection (missed faint branches, 1-pixel dilation).
+    organ_classes
+        Organs only: labelled classes, 1..4. 1 (default) labels the organ only; ``N`` > 1 labels
+        ``N - 1`` of its touching neighbours too (``neighbour_1`` = 2, ...; see
+        :func:`mipseg.synthetic.organs.make_organ_volume`), and each drawn slice holds every class
+        present on it.
     overwrite
         Replace an existing dataset of the same folder name.
 
@@ -81,7 +87,17 @@ def synthesize_dataset(
     """
     dataset_id = dataset
     shape, spacing, name = _checked_arguments(
-        dataset_id, kind, num_cases, shape, spacing, seed, name, mip_axes, num_test_cases, slice_choice
+        dataset_id,
+        kind,
+        num_cases,
+        shape,
+        spacing,
+        seed,
+        name,
+        mip_axes,
+        num_test_cases,
+        slice_choice,
+        organ_classes,
     )
     folder = paths.raw_root() / paths.dataset_folder_name(dataset_id, name)
     _check_existing(folder, dataset_id, overwrite)
@@ -92,7 +108,11 @@ def synthesize_dataset(
         total = num_cases + num_test_cases
         for index in track(range(total), f"synthesizing {kind}", show=show_progress):
             rng = np.random.default_rng((seed, index))
-            image, label = _GENERATORS[kind](shape, spacing, rng)
+            options = {"organ_classes": organ_classes} if kind == "organs" else {}
+            try:
+                image, label = _GENERATORS[kind](shape, spacing, rng, **options)
+            except InputError as error:
+                raise InputError([f"case {kind}_{index:03d}: {p}" for p in error.problems]) from None
             case_id = f"{kind}_{index:03d}"
             training = index < num_cases
             images_dir, labels_dir = ("imagesTr", "labelsTr") if training else ("imagesTs", "labelsTs")
@@ -109,9 +129,12 @@ def synthesize_dataset(
                     annotator_noise,
                     slice_choice,
                     rng,
+                    organ_classes,
                 )
         io.write_json(
-            _dataset_json(kind, num_cases, mip_axes, seed, shape, spacing, annotator_noise, slice_choice),
+            _dataset_json(
+                kind, num_cases, mip_axes, seed, shape, spacing, annotator_noise, slice_choice, organ_classes
+            ),
             staging / "dataset.json",
         )
         # Swap by renames so the old dataset stays complete until the new one is.
@@ -149,8 +172,9 @@ def _write_annotations(
     annotator_noise: bool,
     slice_choice: str | int,
     rng: np.random.Generator,
+    organ_classes: int = 1,
 ) -> None:
-    """One PNG per MIP axis (vessels) or one slice PNG (organs); pixel value = label value."""
+    """One PNG per MIP axis (vessels) or one slice PNG (organs) holding every class on that slice."""
     if kind == "vessels":
         for axis in mip_axes:
             mask = simulate_mip_annotation(image, label, axis, annotator_noise=annotator_noise, rng=rng)
@@ -165,11 +189,17 @@ def _write_annotations(
         index, mask = simulate_slice_annotation(label, slice_choice)
     except InputError as error:
         raise InputError([f"case {case_id}: {problem}" for problem in error.problems]) from None
-    io.write_png(_viewable(mask), folder / f"{case_id}_slice{index}.png")
+    io.write_png(_viewable(mask, organ_classes), folder / f"{case_id}_slice{index}.png")
 
 
-def _viewable(mask: np.ndarray) -> np.ndarray:
-    """A one-class drawing saved as 255 (white in any viewer; the annotation reader maps it to class 1)."""
+def _viewable(mask: np.ndarray, foreground_classes: int = 1) -> np.ndarray:
+    """The PNG pixels of a drawing of a dataset with ``foreground_classes`` labels.
+
+    One class: saved as 255 (white in any viewer; the annotation reader maps it to class 1). Several
+    classes: the class values themselves, as the reader requires (255 would be an unknown label).
+    """
+    if foreground_classes > 1:
+        return mask.astype(np.uint8)
     return (mask > 0).astype(np.uint8) * 255 if mask.max(initial=0) <= 1 else mask
 
 
@@ -182,10 +212,12 @@ def _dataset_json(
     spacing: tuple[float, float, float],
     annotator_noise: bool,
     slice_choice: str | int,
+    organ_classes: int = 1,
 ) -> dict:
     data = {
         "channel_names": {"0": "MRA" if kind == "vessels" else "MRI"},
-        "labels": {"background": 0, "vessel" if kind == "vessels" else "organ": 1},
+        "labels": {"background": 0, "vessel" if kind == "vessels" else "organ": 1}
+        | {organ_class_name(value): value for value in range(2, organ_classes + 1)},
         "numTraining": num_cases,
         "file_ending": ".nii.gz",
         "annotation": "mip" if kind == "vessels" else "slice",
@@ -200,7 +232,14 @@ def _dataset_json(
         "annotator_noise": annotator_noise if kind == "vessels" else None,
         "slice_choice": str(slice_choice) if kind == "organs" else None,
     }
+    if organ_classes != 1:  # only then, so that one-class datasets stay byte-identical to earlier ones
+        data["synthetic"]["organ_classes"] = organ_classes
     return data
+
+
+def organ_class_name(value: int) -> str:
+    """Name in dataset.json of synthetic organ class ``value``: ``organ`` (1), ``neighbour_{value - 1}``."""
+    return "organ" if value == 1 else f"neighbour_{value - 1}"
 
 
 def _checked_arguments(
@@ -214,6 +253,7 @@ def _checked_arguments(
     mip_axes: Sequence[int],
     num_test_cases: int,
     slice_choice: str | int,
+    organ_classes: int = 1,
 ) -> tuple[tuple[int, int, int], tuple[float, float, float], str]:
     """Validate everything at once; one InputError line per problem."""
     problems = []
@@ -238,6 +278,10 @@ def _checked_arguments(
         problems.append(f"slice choice {choice!r} must be 'middle', 'largest' or a slice index")
     elif choice.isdigit() and len(shape) == 3 and int(choice) >= shape[0]:
         problems.append(f"slice index {choice} is outside the {shape[0]} slices of shape {list(shape)}")
+    if not 1 <= organ_classes <= MAX_ORGAN_CLASSES:
+        problems.append(f"organ classes {organ_classes} must be 1..{MAX_ORGAN_CLASSES}")
+    elif kind != "organs" and organ_classes != 1:
+        problems.append(f"organ classes {organ_classes}: only --kind organs has several classes")
     name = _DEFAULT_NAME[kind] if name is None else name
     try:
         paths.dataset_folder_name(dataset_id, name)
@@ -270,7 +314,8 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
 
     For every case in ``suggestions_file`` (``suggested_slices.json``), the case's slice
     annotations ``annotationsTr/{case}_slice*.png`` are replaced by the dense truth
-    ``labelsTr/{case}`` on every suggested slice (``slices``, or the one ``slice``). A suggested
+    ``labelsTr/{case}`` on every suggested slice (``slices``, or the one ``slice``), every class
+    present on the slice included (multi-organ datasets: pixel value = class). A suggested
     slice without foreground gets no drawing (a case with none has no annotation, as when an
     annotator finds nothing to draw).
     ``dataset.json``'s ``synthetic.slice_choice`` becomes ``"suggested"``.
@@ -284,6 +329,8 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
     if not Path(suggestions_file).is_file():
         raise InputError(f"{suggestions_file}: not found; run mipseg_propagate -d {dataset} --suggest first")
     suggestions = io.read_json(suggestions_file)["cases"]
+    spec = io.read_json(folder / "dataset.json")
+    foreground_classes = sum(1 for name, value in spec["labels"].items() if value != 0 and name != "ignore")
     drawn: dict[str, int | None] = {}
     for case_id, suggestion in sorted(suggestions.items()):
         label_path = folder / "labelsTr" / f"{case_id}.nii.gz"
@@ -296,11 +343,10 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
         for index in (int(i) for i in suggestion.get("slices", [suggestion["slice"]])):
             if label[index].any():
                 io.write_png(
-                    _viewable(label[index].astype(np.uint8)),
+                    _viewable(label[index].astype(np.uint8), foreground_classes),
                     folder / "annotationsTr" / f"{case_id}_slice{index}.png",
                 )
                 drawn[case_id] = index if drawn[case_id] is None else drawn[case_id]
-    spec = io.read_json(folder / "dataset.json")
     if isinstance(spec.get("synthetic"), dict):  # keep the record of how the drawings were made true
         spec["synthetic"]["slice_choice"] = "suggested"
         io.write_json(spec, folder / "dataset.json")
