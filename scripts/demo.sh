@@ -15,7 +15,9 @@
 #   DEMO_DENSE_EPOCHS                epochs of each dense-label fold model (default DEMO_EPOCHS)
 #   DEMO_PASSES                      stochastic passes of mipseg_refine
 #   DEMO_ORGAN_CASES / DEMO_ORGAN_SHAPE / DEMO_ORGAN_TEST_CASES   the organ dataset
-#   DEMO_ORGAN_CLASSES               labelled organs per volume, 1..4 (3: the organ and two neighbours)
+#   DEMO_ORGAN_CLASSES               labelled organs per volume, 1..4 (default 1; 3: the organ and two
+#                                    neighbours, with a per-class table; the demo's 60-iteration model
+#                                    does not learn the neighbours, see README)
 #   DEMO_ORGAN_EPOCHS                epochs of the model trained on propagated labels
 #   DEMO_FLOW_ITERS                  training iterations of the propagation flow model
 #   DEMO_NP                          worker processes of plan / evaluate
@@ -42,7 +44,7 @@ PASSES=${DEMO_PASSES:-2}
 ORGAN_CASES=${DEMO_ORGAN_CASES:-4}
 ORGAN_TEST_CASES=${DEMO_ORGAN_TEST_CASES:-2}
 read -r -a ORGAN_SHAPE <<<"${DEMO_ORGAN_SHAPE:-24 48 48}"
-ORGAN_CLASSES=${DEMO_ORGAN_CLASSES:-3}
+ORGAN_CLASSES=${DEMO_ORGAN_CLASSES:-1}
 ORGAN_EPOCHS=${DEMO_ORGAN_EPOCHS:-4}
 FLOW_ITERS=${DEMO_FLOW_ITERS:-60}
 NP=${DEMO_NP:-2}

@@ -36,6 +36,7 @@ TINY_SETTINGS = {
     "DEMO_FLOW_ITERS": "1",
     "DEMO_NP": "1",
     "DEMO_NUM_WORKERS": "0",
+    "DEMO_ORGAN_CLASSES": "3",  # the multi-organ path end to end (the demo's default is 1)
 }
 VESSEL_ROWS = (
     "best global threshold",
@@ -46,7 +47,7 @@ VESSEL_ROWS = (
     "dense-label upper bound",
 )
 ORGAN_ROWS = ("registration propagation", "flow propagation", "model on propagated labels")
-ORGAN_CLASSES = ["organ", "neighbour_1", "neighbour_2"]  # the demo's default --organ-classes 3
+ORGAN_CLASSES = ["organ", "neighbour_1", "neighbour_2"]  # DEMO_ORGAN_CLASSES=3 below
 
 
 @pytest.fixture(scope="module")
