@@ -222,6 +222,9 @@ def test_suggested_slices_are_drawn_from_the_truth(data_roots, tmp_path):
     np.testing.assert_array_equal(io.read_png(first.annotations[7]), 255 * io.read_image(first.label)[0][7])
     spec = io.read_json(first.images[0].parents[1] / "dataset.json")
     assert spec["synthetic"]["slice_choice"] == "suggested"
+    several = io.write_json({"cases": {first.case_id: {"slices": [5, 9]}}}, tmp_path / "several.json")
+    assert annotate_suggested_slices(907, several) == {first.case_id: 5}  # "slices" alone is enough
+    assert sorted(load_dataset(907).cases[0].annotations) == [5, 9]
     with pytest.raises(InputError, match="--suggest first"):
         annotate_suggested_slices(907, tmp_path / "missing.json")
 

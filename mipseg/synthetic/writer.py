@@ -340,7 +340,8 @@ def annotate_suggested_slices(dataset: str | int, suggestions_file: Path) -> dic
         for old in (folder / "annotationsTr").glob(f"{case_id}_slice*.png"):
             old.unlink()
         drawn[case_id] = None
-        for index in (int(i) for i in suggestion.get("slices", [suggestion["slice"]])):
+        suggested = suggestion["slices"] if "slices" in suggestion else [suggestion["slice"]]
+        for index in (int(i) for i in suggested):
             if label[index].any():
                 io.write_png(
                     _viewable(label[index].astype(np.uint8), foreground_classes),
