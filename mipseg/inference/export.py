@@ -150,7 +150,7 @@ def smallest_component_size(label_maps: Sequence[np.ndarray], ignore_label: int 
     return smallest
 
 
-def _component_counts(prediction: np.ndarray, reference: np.ndarray, known: np.ndarray) -> tuple:
+def component_counts(prediction: np.ndarray, reference: np.ndarray, known: np.ndarray) -> tuple:
     """Per predicted component (26-connected): size, true-positive and false-positive voxels.
 
     Returns ``(sizes, tp, fp, fn_outside)``: arrays indexed by component id (0 = background,
@@ -196,7 +196,7 @@ def min_size_from_validation(
         known = reference != ignore_label if ignore_label is not None else np.ones(reference.shape, bool)
         values = set(np.unique(reference[known]).tolist()) | set(np.unique(segmentation).tolist())
         for value in sorted(values - {0, ignore_label}):
-            sizes, tp, fp, fn_outside = _component_counts(segmentation == value, reference == value, known)
+            sizes, tp, fp, fn_outside = component_counts(segmentation == value, reference == value, known)
             removed = sizes[None, 1:] < candidates[:, None]  # (candidates, components)
             tp_left = tp[1:].sum() - (removed * tp[None, 1:]).sum(1)
             fp_left = fp[1:].sum() - (removed * fp[None, 1:]).sum(1)

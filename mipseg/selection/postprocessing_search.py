@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mipseg.inference.export import CANDIDATE_MIN_SIZES, _component_counts
+from mipseg.inference.export import CANDIDATE_MIN_SIZES, component_counts
 from mipseg.inference.postprocessing import apply_rules, removed_components
 from mipseg.metrics import dice_from_counts, dice_per_class
 from mipseg.selection.oof import foreground_mean
@@ -45,7 +45,7 @@ def rule_dice_per_case(
 ) -> list[float]:
     """Dice of class ``value`` on the labelled voxels after each rule, for one case."""
     known = reference != ignore_label if ignore_label is not None else np.ones(reference.shape, bool)
-    sizes, tp, fp, fn_outside = _component_counts(segmentation == value, reference == value, known)
+    sizes, tp, fp, fn_outside = component_counts(segmentation == value, reference == value, known)
     scores = []
     for rule in rules:
         removed = removed_components(sizes[1:], rule)
