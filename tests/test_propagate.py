@@ -190,6 +190,22 @@ def test_propagation_with_flows_reaches_dice_and_stops_at_the_true_extent():
     assert set(np.unique(result.with_ignore(2))) <= {0, 1, 2}
 
 
+def test_ignore_band_grows_with_the_distance_from_the_drawing():
+    image, label, forward, backward = translating_organ()
+    middle = image.shape[0] // 2
+    drawn = {middle: label[middle].astype(np.int16)}
+    transport = flow_transport(forward, backward, (48, 48))
+    fixed = propagate_slices(image, drawn, transport, ignore_band=1)
+    growing = propagate_slices(image, drawn, transport, ignore_band=1, band_growth=0.5)
+    np.testing.assert_array_equal(growing.labels, fixed.labels)  # only the unsure voxels change
+    per_slice = growing.unsure.sum(axis=(1, 2))
+    assert not growing.unsure[middle].any()
+    # within one slice of the drawing the band is 1 px as before; 4 slices away it is 3 px wide
+    np.testing.assert_array_equal(growing.unsure[middle + 1], fixed.unsure[middle + 1])
+    assert per_slice[middle + 4] > 2 * fixed.unsure[middle + 4].sum()
+    assert (growing.unsure >= fixed.unsure).all()
+
+
 def test_stop_rule_on_synthetic_organs():
     from mipseg.synthetic import make_organ_volume, simulate_slice_annotation
 

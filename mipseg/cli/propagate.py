@@ -54,6 +54,13 @@ def propagate(
     ignore_band: Annotated[
         int, typer.Option("--ignore-band", help="Pixels around propagated boundaries labelled ignore.")
     ] = 1,
+    band_growth: Annotated[
+        float,
+        typer.Option(
+            "--ignore-band-growth",
+            help="Extra ignore-band pixels per slice of distance from the nearest drawn slice (0 = none).",
+        ),
+    ] = 0.0,
     refine_iters: Annotated[
         int,
         typer.Option(
@@ -121,6 +128,7 @@ def propagate(
             method=method,
             verify=not no_verify,
             ignore_band=ignore_band,
+            band_growth=band_growth,
             refinement=refinement,
             symmetric_flows=not no_symmetric_flows,
             fusion=fusion,

@@ -215,6 +215,7 @@ def propagate_slices(
     verify: bool = True,
     ignore_band: int = 1,
     ignore_slices: int = 1,
+    band_growth: float = 0.0,
     fusion: str = "two_sided",
     disagreement_margin: float = 0.25,
 ) -> PropagationResult:
@@ -229,6 +230,11 @@ def propagate_slices(
         absent from an annotated slice is absent there (the annotator drew every class it saw).
     transport
         Moves masks between neighbouring slices (see :data:`Transport`).
+    ignore_band, band_growth
+        The unsure band around propagated boundaries on a slice ``d`` slices from the nearest
+        annotated slice is ``ignore_band + floor(band_growth * d)`` pixels wide: a growth above 0
+        trusts boundaries less the farther they were carried (the loss has no voxel weights, so
+        this is how far slices are down-weighted).
     fusion
         ``"two_sided"``: a slice between two annotated slices ``a < b`` gets, per class, the
         verified masks propagated from both sides, each weighted by closeness (``(b - t) /
@@ -289,13 +295,15 @@ def propagate_slices(
                             unsure[end + step * k] |= ndimage.binary_dilation(
                                 last_mask, iterations=max(ignore_band, 1)
                             )
-    if ignore_band > 0:
-        for label in np.unique(labels[labels > 0]):
-            mask = labels == label
-            band = ndimage.binary_dilation(mask, _IN_PLANE, ignore_band) & ~ndimage.binary_erosion(
-                mask, _IN_PLANE, ignore_band
+    distance = np.abs(np.arange(depth)[:, None] - np.asarray(ordered or [0])[None, :]).min(axis=1)
+    widths = ignore_band + np.floor(band_growth * distance).astype(int)
+    for label in np.unique(labels[labels > 0]):
+        for width in np.unique(widths[widths > 0]):
+            mask = labels[widths == width] == label  # the band is in-plane, so slices can be taken apart
+            band = ndimage.binary_dilation(mask, _IN_PLANE, width) & ~ndimage.binary_erosion(
+                mask, _IN_PLANE, width
             )
-            unsure |= band
+            unsure[widths == width] |= band
     unsure[ordered] = False  # the annotator's slices are certain
     return PropagationResult(labels, unsure, extents)
 

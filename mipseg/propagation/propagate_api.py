@@ -63,6 +63,7 @@ class PropagationSettings:
     verify: bool = True
     ignore_band: int = 1
     ignore_slices: int = 1
+    band_growth: float = 0.0
     stop_rule: StopRule = StopRule()
     refinement: InstanceOptimization = InstanceOptimization()
     symmetric_flows: bool = True
@@ -76,6 +77,7 @@ class PropagationSettings:
             "verify": self.verify,
             "ignore_band": self.ignore_band,
             "ignore_slices": self.ignore_slices,
+            "band_growth": self.band_growth,
             "fusion": self.fusion,
             "stop_rule": dict(self.stop_rule.__dict__),
         }
@@ -217,6 +219,11 @@ def propagate_dataset(
         raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
     if settings.fusion not in FUSIONS:
         raise InputError(f"--fusion {settings.fusion}: choose one of {', '.join(FUSIONS)}")
+    if settings.ignore_band < 0 or settings.band_growth < 0:
+        raise InputError(
+            f"--ignore-band {settings.ignore_band} / --ignore-band-growth {settings.band_growth}: "
+            "must be >= 0"
+        )
     refinement = settings.refinement
     if min(refinement.iterations, refinement.coarse_iterations) < 0 or refinement.max_size < 2:
         raise InputError(
@@ -329,6 +336,7 @@ def propagate_case(
         verify=settings.verify,
         ignore_band=settings.ignore_band,
         ignore_slices=settings.ignore_slices,
+        band_growth=settings.band_growth,
         fusion=settings.fusion,
     )
     labels = result.with_ignore(dataset.spec.ignore_label)
