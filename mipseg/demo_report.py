@@ -151,20 +151,26 @@ def overlay(background: np.ndarray, truth: np.ndarray, prediction: np.ndarray) -
     ----------
     background : np.ndarray, shape (rows, cols)
         Intensities (MIP or slice); shown in grey, 1st to 99.9th percentile.
-    truth, prediction : np.ndarray of bool, shape (rows, cols)
+    truth, prediction : np.ndarray of bool or int, shape (rows, cols)
+        Masks or label maps (0 = background).
 
     Returns
     -------
     np.ndarray of uint8, shape (rows, cols, 3)
-        Green = both, red = truth only (missed), yellow = prediction only (false positive);
-        enlarged by an integer factor when the picture is smaller than ``MIN_PICTURE_SIZE``.
+        Green = the truth's class predicted, red = truth missed or given another class,
+        yellow = predicted where the truth is background; enlarged by an integer factor when the
+        picture is smaller than ``MIN_PICTURE_SIZE``.
     """
     low, high = np.percentile(background, [1.0, 99.9])
     grey = np.clip((background - low) / max(high - low, 1e-6), 0.0, 1.0)
     rgb = np.repeat((grey * 255).astype(np.uint8)[..., None], 3, axis=2)
-    colours = {(True, True): (0, 200, 0), (True, False): (230, 0, 0), (False, True): (240, 220, 0)}
-    for (in_truth, in_prediction), colour in colours.items():
-        mask = (truth == in_truth) & (prediction == in_prediction)
+    agree = (truth > 0) & (truth == prediction)
+    areas = {
+        (0, 200, 0): agree,
+        (230, 0, 0): (truth > 0) & ~agree,
+        (240, 220, 0): (prediction > 0) & (truth == 0),
+    }
+    for colour, mask in areas.items():
         rgb[mask] = (0.4 * rgb[mask] + 0.6 * np.array(colour)).astype(np.uint8)
     # Small demo volumes give stamp-sized pictures: enlarge by whole pixels (no interpolation).
     scale = max(1, MIN_PICTURE_SIZE // max(rgb.shape[:2]))
@@ -196,10 +202,10 @@ def write_organ_slice_overlays(dataset_id: int | str) -> list[Path]:
     written = []
     for image_path, label_path in test_pairs(dataset_id):
         image = io.read_image(image_path, np.float32)[0]
-        truth = io.read_image(label_path)[0] > 0
-        index = int(np.argmax(truth.sum(axis=(1, 2))))
+        truth = io.read_image(label_path)[0]  # label maps: a neighbour given the organ's class is missed
+        index = int(np.argmax((truth > 0).sum(axis=(1, 2))))
         for prediction_path in sorted(predictions.glob(f"*/{label_path.name}")):
-            prediction = io.read_image(prediction_path)[0] > 0
+            prediction = io.read_image(prediction_path)[0]
             name = prediction_path.parent.name
             target = predictions / "qc" / f"{_case_name(label_path)}_{name}_slice{index}.png"
             io.write_png(overlay(image[index], truth[index], prediction[index]), target)

@@ -177,3 +177,21 @@ def test_demo_says_its_time_and_a_second_run_continues_where_it_stopped(
     ran = [line for line in again.stdout.splitlines() if line.startswith("\x1b[36m$ ")]
     assert len(ran) == 2 and "mipseg_evaluate" in ran[0] and "demo_report" in ran[1], ran
     assert "mipseg demo: Dice" in again.stdout
+
+
+def test_overlay_colours_classes_not_just_foreground():
+    import numpy as np
+
+    from mipseg.demo_report import MIN_PICTURE_SIZE, overlay
+
+    truth = np.zeros((MIN_PICTURE_SIZE, MIN_PICTURE_SIZE), np.uint8)
+    truth[:10, :10], truth[:10, 10:20] = 1, 2
+    prediction = truth.copy()
+    prediction[:10, 10:20] = 1  # the neighbour predicted as the organ
+    prediction[20:30, :10] = 2  # predicted where the truth is background
+    picture = overlay(np.zeros(truth.shape, np.float32), truth, prediction)
+    green, red, yellow = (0, 120, 0), (138, 0, 0), (144, 132, 0)
+    assert tuple(picture[5, 5]) == green
+    assert tuple(picture[5, 15]) == red
+    assert tuple(picture[25, 5]) == yellow
+    assert tuple(picture[40, 40]) == (0, 0, 0)
