@@ -138,6 +138,7 @@ def test_bad_packages_get_one_line_and_exit_2(data_roots, tmp_path: Path, capsys
         "version": _rewrite(package, tmp_path / "v.zip", manifest_update={"mipseg_version": "9.0.0"}),
         "format": _rewrite(package, tmp_path / "f.zip", manifest_update={"format_version": 99}),
         "checkpoint": _rewrite(package, tmp_path / "c.zip", drop="checkpoint_final.pt"),
+        "manifest": _rewrite(package, tmp_path / "m.zip", drop="manifest.json"),
         "truncated": tmp_path / "t.zip",
         "flipped": tmp_path / "x.zip",
     }
@@ -149,8 +150,9 @@ def test_bad_packages_get_one_line_and_exit_2(data_roots, tmp_path: Path, capsys
         "version": "mipseg 9.0.0",
         "format": "format 99",
         "checkpoint": "checkpoint",
+        "manifest": "not a mipseg model package",
         "truncated": "zip",
-        "flipped": "",
+        "flipped": "corrupted",
     }
     images = data_roots["raw"] / name / "imagesTr"
     for kind, path in bad.items():
