@@ -64,7 +64,14 @@ def predict(
         bool, typer.Option("--save-probabilities", help="Also write {case}.npz (float16 probabilities).")
     ] = False,
     postprocess: Annotated[
-        bool, typer.Option("--postprocess", help="Remove connected components smaller than a minimum size.")
+        bool,
+        typer.Option(
+            "--postprocess",
+            help=(
+                "Apply the per-class rules mipseg_find_best_configuration decided; without a decision, "
+                "remove connected components smaller than a minimum size."
+            ),
+        ),
     ] = False,
     min_component_size: Annotated[
         int | None,
@@ -84,7 +91,10 @@ def predict(
         str,
         typer.Option(
             "--engine",
-            help="CPU inference engine: auto (OpenVINO when installed, else torch), torch or openvino.",
+            help=(
+                "CPU inference engine: auto (OpenVINO when installed and the volume needs >= 256 network "
+                "passes per fold or the conversion is cached, else torch), torch or openvino."
+            ),
         ),
     ] = "auto",
     precision: Annotated[
