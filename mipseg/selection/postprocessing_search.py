@@ -2,8 +2,9 @@
 
 For each foreground class the candidate rules (:mod:`mipseg.inference.postprocessing`) are scored
 by the class's mean per-case Dice on the labelled voxels; a rule is kept only if it beats doing
-nothing (strictly), and the best one wins (ties: the first, i.e. the mildest). Removing a class's
-components turns them into background, so a per-class rule cannot change any other class's Dice.
+nothing (strictly), and the best one wins (ties: the first tried, so ``none`` beats any rule of
+equal Dice). Removing a class's components turns them into background, so a per-class rule cannot
+change any other class's Dice.
 
 Organs (``structure="organ"``) first try nnU-Net's step (a): keep only the largest component of
 all foreground together, accepted if the mean foreground Dice improves and no class gets worse;
@@ -29,7 +30,8 @@ NONE = {"kind": "none"}
 
 
 def candidate_rules(structure: str, min_sizes: Sequence[int] = CANDIDATE_MIN_SIZES) -> list[dict[str, Any]]:
-    """Rules to try for one class, mildest first (``none`` first, so ties keep the prediction)."""
+    """Rules to try for one class in tie-break order: ``none`` first (ties keep the prediction), then
+    keep-largest for organs, then minimum sizes from small to large."""
     sizes = [int(s) for s in min_sizes if s > 1]
     if structure == "vessel":
         return [NONE] + [{"kind": "tree", "min_size": s} for s in sizes]
@@ -135,7 +137,7 @@ def decide_postprocessing(
     for value, lists in per_rule.items():
         means = [foreground_mean({value: scores})[0][value] for scores in lists]
         finite = [m if not np.isnan(m) else -np.inf for m in means]
-        best = int(np.argmax(finite))  # first of equal means: the mildest rule
+        best = int(np.argmax(finite))  # first of equal means: the earliest tried (none before any rule)
         chosen = tried[best] if finite[best] > finite[0] else NONE
         if chosen is not NONE:
             rules[value] = dict(chosen)
