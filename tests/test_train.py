@@ -40,7 +40,7 @@ def test_training_writes_checkpoints_log_and_out_of_fold_probabilities(data_root
     assert {p.name for p in fold_dir.glob("checkpoint_*.pt")} == {"checkpoint_best.pt", "checkpoint_final.pt"}
     assert (fold_dir / "progress.png").stat().st_size > 0
     log = (fold_dir / "training_log.txt").read_text()
-    assert "epoch 0:" in log and "epoch 1:" in log and "pseudo Dice" in log
+    assert "epoch 1/2 train_loss" in log and "epoch 2/2 train_loss" in log and "pseudo_dice" in log
     final = ckpt.load_checkpoint(fold_dir / "checkpoint_final.pt")
     assert final["epoch"] == 2 and final["trainer"] == "plain" and final["labelset"] == "pseudo"
     assert len(final["logging"]["train_loss"]) == 2
@@ -180,5 +180,5 @@ def test_ddp_with_two_gloo_processes_runs_one_epoch(data_roots) -> None:
     final = ckpt.load_checkpoint(fold_dir / "checkpoint_final.pt")
     assert final["epoch"] == 1
     log = (fold_dir / "training_log.txt").read_text()
-    assert log.count("epoch 0:") == 1  # only rank 0 writes
+    assert log.count("epoch 1/1 ") == 1  # only rank 0 writes
     assert (fold_dir / "validation" / "case_003.npz").is_file()

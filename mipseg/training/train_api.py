@@ -332,9 +332,10 @@ def _loop(state, inputs, loss_fn, extra, fold_dir, log_path, context, device, sh
                 )
                 bar.update(epochs, completed=state.epoch)
                 if context.is_main:
-                    _after_epoch(state, result, extra, fold_dir, log_path)
+                    line = _summary(state, result, extra, session_epochs)
+                    _after_epoch(state, result, extra, fold_dir, log_path, line)
                     if show_progress:  # above the bars in a terminal, one plain line each when redirected
-                        print(_summary(state, result, extra, session_epochs), flush=True)
+                        print(line, flush=True)
                     # plotting takes about a second on CPU: at most every PLOT_INTERVAL_S, and at the end
                     if time.time() - plotted_at > PLOT_INTERVAL_S or state.epoch >= config.epochs:
                         plot_progress(state.log, fold_dir / "progress.png")
@@ -357,14 +358,10 @@ def _summary(state: TrainingState, result: dict[str, Any], extra, session_start:
     return epoch_summary(result, state.config.epochs, names, eta)
 
 
-def _after_epoch(state: TrainingState, result: dict[str, Any], extra, fold_dir: Path, log_path: Path) -> None:
-    dice = ", ".join(f"{d:.4f}" for d in result["pseudo_dice"])
-    log_line(
-        log_path,
-        f"epoch {result['epoch']}: lr {result['lr']:.6f} train_loss {result['train_loss']:.4f} "
-        f"val_loss {result['val_loss']:.4f} pseudo Dice [{dice}] EMA {result['ema']:.4f} "
-        f"time {result['time']:.1f} s",
-    )
+def _after_epoch(
+    state: TrainingState, result: dict[str, Any], extra, fold_dir: Path, log_path: Path, line: str
+) -> None:
+    log_line(log_path, line)  # the console's line, so a --quiet run's log reads like its terminal
     if result["new_best"]:
         ckpt.save_checkpoint(_checkpoint(state, extra), ckpt.checkpoint_path(fold_dir, "best"))
         log_line(log_path, f"new best EMA pseudo Dice {result['ema']:.4f}: checkpoint_best written")
