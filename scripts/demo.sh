@@ -5,7 +5,7 @@
 # command is printed before it runs, so the same lines work on your own data. Data goes under
 # ./mipseg_data unless MIPSEG_RAW / MIPSEG_PREPROCESSED / MIPSEG_RESULTS say otherwise.
 #
-# Settings (environment variables; defaults = the full demo, < 15 min on 2 CPU cores):
+# Settings (environment variables; defaults = the full demo, about 9 min on 2 CPU cores):
 #   DEMO_VESSEL_ID / DEMO_ORGAN_ID   dataset ids (900 / 901)
 #   DEMO_CASES / DEMO_TEST_CASES     vessel training / test cases (the folds: min(5, DEMO_CASES))
 #   DEMO_SHAPE                       vessel volume size "Z Y X"
