@@ -111,6 +111,7 @@ def synthetic(seeds: int, shape: tuple[int, int, int]) -> None:
 def real(data: Path) -> None:
     from mipseg import io
     from mipseg.analysis.analyze_api import analyze_mask
+    from mipseg.metrics import dice as dice_score
     from mipseg.planning.mip import maximum_intensity_projection
     from mipseg.pseudolabel.mip_backprojection import pseudo_label_volume
     from mipseg.synthetic import best_threshold_dice
@@ -144,7 +145,7 @@ def real(data: Path) -> None:
                 there = cKDTree(reference).query(points)[0].mean()
                 back = cKDTree(points).query(reference)[0].mean()
                 distance = f"{there:.2f} / {back:.2f}"
-            dice = 2 * np.count_nonzero(mask & dense) / (mask.sum() + dense.sum())
+            dice = dice_score(dense, mask)
             print(
                 f"| {name} | {mask_name} | {dice:.3f} | {measures['branches']} | {measures['branch_points']} "
                 f"| {measures['total_length_mm']:.0f} | {measures['mean_radius_mm']:.2f} "
