@@ -28,7 +28,7 @@ PORT_TRIES = 20  # the default port is taken (a second session): try the next on
 
 
 def open_session(
-    dataset_id: str | int,
+    dataset: str | int,
     *,
     use_model: bool = True,
     trainer: str | None = None,
@@ -50,12 +50,12 @@ def open_session(
         A broken dataset, a dataset without annotation mode, or an explicitly chosen model that
         does not exist.
     """
-    dataset = load_dataset(dataset_id, read_voxels=False, check_annotations=False)
-    store = AnnotationStore(dataset)
+    loaded = load_dataset(dataset, read_voxels=False, check_annotations=False)
+    store = AnnotationStore(loaded)
     model, note = None, "started with --no-model"
     if use_model:
         try:
-            model_dir = resolve_model_dir(dataset.name, trainer, labels)
+            model_dir = resolve_model_dir(loaded.name, trainer, labels)
             model = ModelPrefill(store, model_dir, folds=folds, checkpoint=checkpoint, device=device)
         except InputError as error:
             if trainer is not None or labels is not None or folds is not None:

@@ -69,6 +69,29 @@ class PropagationSettings:
     symmetric_flows: bool = True
     fusion: str = "two_sided"
 
+    def problems(self) -> list[str]:
+        """One line per bad value, naming its flag; empty when the settings are usable."""
+        problems = []
+        if self.method not in TRANSPORT_METHODS:
+            problems.append(f"--method {self.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
+        if self.fusion not in FUSIONS:
+            problems.append(f"--fusion {self.fusion}: choose one of {', '.join(FUSIONS)}")
+        if self.ignore_band < 0 or self.band_growth < 0:
+            problems.append(
+                f"--ignore-band {self.ignore_band} / --ignore-band-growth {self.band_growth}: must be >= 0"
+            )
+        refinement = self.refinement
+        if min(refinement.iterations, refinement.coarse_iterations) < 0 or refinement.max_size < 2:
+            problems.append(
+                f"--refine-iters {refinement.iterations} / --coarse-iters {refinement.coarse_iterations} / "
+                f"--refine-size {refinement.max_size}: need at least 0 steps and 2 pixels"
+            )
+        if refinement.reference_spacing < 0:
+            problems.append(
+                f"--reference-spacing {refinement.reference_spacing}: must be >= 0 (0 = no scaling)"
+            )
+        return problems
+
     def to_json(self) -> dict[str, Any]:
         return {
             "method": self.method,
@@ -215,23 +238,9 @@ def propagate_dataset(
         Not a slice-annotated dataset, no annotated case, unknown method, bad dataset, or
         ``resume`` on a label set made with other settings.
     """
-    if settings.method not in TRANSPORT_METHODS:
-        raise InputError(f"--method {settings.method}: choose one of {', '.join(TRANSPORT_METHODS)}")
-    if settings.fusion not in FUSIONS:
-        raise InputError(f"--fusion {settings.fusion}: choose one of {', '.join(FUSIONS)}")
-    if settings.ignore_band < 0 or settings.band_growth < 0:
-        raise InputError(
-            f"--ignore-band {settings.ignore_band} / --ignore-band-growth {settings.band_growth}: "
-            "must be >= 0"
-        )
-    refinement = settings.refinement
-    if min(refinement.iterations, refinement.coarse_iterations) < 0 or refinement.max_size < 2:
-        raise InputError(
-            f"--refine-iters {refinement.iterations} / --coarse-iters {refinement.coarse_iterations} / "
-            f"--refine-size {refinement.max_size}: need at least 0 steps and 2 pixels"
-        )
-    if refinement.reference_spacing < 0:
-        raise InputError(f"--reference-spacing {refinement.reference_spacing}: must be >= 0 (0 = no scaling)")
+    problems = settings.problems()
+    if problems:
+        raise InputError(problems)
     loaded = load_dataset(dataset)
     if loaded.spec.annotation != "slice":
         raise InputError(
