@@ -169,7 +169,10 @@ def _no_partials(folder: Path) -> bool:
     return not any(".partial-" in p.name for p in folder.rglob("*"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+SIGNALS = pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+
+
+@SIGNALS
 def test_train_killed_keeps_the_finished_model_and_continue_completes(trained, sig) -> None:
     name, fold_dir = trained
     final = fold_dir / "checkpoint_final.pt"
@@ -189,7 +192,8 @@ def test_train_killed_keeps_the_finished_model_and_continue_completes(trained, s
     assert not latest.exists() and _no_partials(fold_dir)
 
 
-def test_predict_killed_keeps_finished_cases_and_continue_completes(trained, data_roots) -> None:
+@SIGNALS
+def test_predict_killed_keeps_finished_cases_and_continue_completes(trained, data_roots, sig) -> None:
     name, _ = trained
     images, output = data_roots["raw"] / name / "imagesTr", data_roots["raw"] / "predicted"
     command = [str(BIN / "mipseg_predict"), "-i", str(images), "-o", str(output), "-d", name]
@@ -199,7 +203,7 @@ def test_predict_killed_keeps_finished_cases_and_continue_completes(trained, dat
     # a second run over the same folder, killed once it has rewritten its run files
     args = output / "predict_args.json"
     stamp = args.stat().st_mtime_ns
-    _run_until(command, lambda: args.stat().st_mtime_ns != stamp, signal.SIGKILL)
+    _run_until(command, lambda: args.stat().st_mtime_ns != stamp, sig)
     for case in ("case_000", "case_001", "case_002"):  # each case is the old or the new file, whole
         label, _ = io.read_image(output / f"{case}.nii.gz")
         assert label.shape == (16, 40, 40)
@@ -225,10 +229,11 @@ def organs(data_roots) -> str:
     return "991"
 
 
-def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_roots) -> None:
+@SIGNALS
+def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_roots, sig) -> None:
     command = [str(BIN / "mipseg_plan"), "-d", organs, "-np", "1", "--device", "cpu"]
     folder = data_roots["preprocessed"]
-    _run_until(command, lambda: any(folder.rglob("data/*.npy")), signal.SIGKILL)
+    _run_until(command, lambda: any(folder.rglob("data/*.npy")), sig)
     for array in folder.rglob("data/*.npy"):
         assert np.load(array).ndim == 4  # what exists is complete
     subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
@@ -240,13 +245,14 @@ def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_ro
 PROPAGATE = ["--iters", "3", "--refine-iters", "10", "--coarse-iters", "5", "--device", "cpu"]
 
 
-def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots) -> None:
+@SIGNALS
+def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots, sig) -> None:
     command = [str(BIN / "mipseg_propagate"), "-d", organs, "--name", "organs", *PROPAGATE]
     subprocess.run([*command, "--method", "copy"], env=_env(), check=True, capture_output=True)
     labelset = next(data_roots["preprocessed"].glob("Dataset991_*")) / "labelsets" / "organs"
     before = _snapshot(labelset)
     staged = labelset.with_name(".organs.next")
-    _run_until([*command, "--method", "flow"], (staged / "labelset.json").is_file, signal.SIGKILL)
+    _run_until([*command, "--method", "flow"], (staged / "labelset.json").is_file, sig)
     assert _snapshot(labelset) == before  # training still reads the finished (copy) set
     subprocess.run([*command, "--method", "flow", "--continue"], env=_env(), check=True, capture_output=True)
     assert io.read_json(labelset / "report.json")["method"] == "flow"
@@ -254,7 +260,8 @@ def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots)
     assert not staged.exists() and not labelset.with_name(".organs.old").exists()
 
 
-def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots) -> None:
+@SIGNALS
+def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots, sig) -> None:
     from test_refine import _train_two_folds
 
     name = _train_two_folds(data_roots)
@@ -263,7 +270,7 @@ def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots) -> No
     labelset = data_roots["preprocessed"] / name / "labelsets" / "refined"
     before = _snapshot(labelset)
     staged = labelset.with_name(".refined.next")
-    _run_until([*command, "--passes", "3"], (staged / "labelset.json").is_file, signal.SIGINT)
+    _run_until([*command, "--passes", "3"], (staged / "labelset.json").is_file, sig)
     assert _snapshot(labelset) == before
     subprocess.run([*command, "--passes", "3", "--continue"], env=_env(), check=True, capture_output=True)
     description = io.read_json(labelset / "labelset.json")
