@@ -160,11 +160,14 @@ def test_demo_says_its_time_and_a_second_run_continues_where_it_stopped(
 ) -> None:
     finished, root = demo_run
     assert "The demo takes about" in finished.stdout.splitlines()[0] + finished.stdout.splitlines()[1]
-    # drop the record of the last organ command: a re-run skips everything else and redoes only it
+    # as if cut during the last prediction: its "started" line stays, its "done" line and the evaluation's
+    # are gone; a re-run skips everything else, continues the prediction and evaluates again
     done = root / "results" / "demo_done.txt"
     lines = done.read_text().splitlines()
     evaluate = max(i for i, line in enumerate(lines) if line.startswith("done\tmipseg_evaluate"))
-    done.write_text("\n".join(lines[:evaluate] + lines[evaluate + 1 :]) + "\n")
+    predict = max(i for i, line in enumerate(lines) if line.startswith("done\tmipseg_predict"))
+    assert predict < evaluate
+    done.write_text("\n".join(line for i, line in enumerate(lines) if i not in (predict, evaluate)) + "\n")
     env = dict(os.environ, **TINY_SETTINGS, MIPSEG_RAW=str(root / "raw"))
     env.update(MIPSEG_PREPROCESSED=str(root / "preprocessed"), MIPSEG_RESULTS=str(root / "results"))
     env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", OMP_NUM_THREADS="1")
@@ -175,7 +178,9 @@ def test_demo_says_its_time_and_a_second_run_continues_where_it_stopped(
     assert "continuing the demo" in again.stdout
     assert again.stdout.count("(done in an earlier run)") >= 20
     ran = [line for line in again.stdout.splitlines() if line.startswith("\x1b[36m$ ")]
-    assert len(ran) == 2 and "mipseg_evaluate" in ran[0] and "demo_report" in ran[1], ran
+    assert len(ran) == 3, ran
+    assert "mipseg_predict" in ran[0] and ran[0].rstrip("\x1b[0m").endswith("--continue"), ran
+    assert "mipseg_evaluate" in ran[1] and "--continue" not in ran[1] and "demo_report" in ran[2], ran
     assert "mipseg demo: Dice" in again.stdout
 
 
