@@ -1,11 +1,15 @@
 """Real vessel scans: MIP-only training against dense labels, thresholds and vesselness, held-out voxels.
 
-For each real volume with a dense label in ``../shared/data`` (``octa_vessels``, ``lightsheet_vessels``)
-the volume is split along x (numpy axis 2) into a training sub-volume (the first ``--train-fraction``
-of the columns) and a test sub-volume (the rest). The training sub-volume becomes the one training case
-of a mipseg dataset whose MIP annotations (axes ``--axes``) are simulated by the brightest-voxel rule
-(a MIP pixel is vessel where the brightest voxel on its ray is labelled); the test sub-volume is its
-``imagesTs``. The real commands run in a scratch folder (``--workdir``, default ``/tmp/i17/real_vessels``)::
+For each real volume with a dense label in ``../shared/data`` (``octa_vessels``,
+``lightsheet_vessels``), and for ``synthetic_vessels`` (one ``make_vessel_volume`` of 64x128x128
+voxels, seed 0, octa's size; opt-in with ``--volumes``), the volume is split along x (numpy axis 2)
+into a training sub-volume (the first ``--train-fraction`` of the columns) and a test sub-volume
+(the rest). The training sub-volume becomes the one training case of a mipseg dataset whose MIP
+annotations (axes ``--axes``) are simulated by the brightest-voxel rule (a MIP pixel is vessel where
+the brightest voxel on its ray is labelled; ``--annotator-noise`` adds the synthesizer's annotator
+imperfections: faint branches missed, strokes one pixel wider); the test sub-volume is its
+``imagesTs``. The real commands run in a scratch folder (``--workdir``, default
+``/tmp/i17/real_vessels``)::
 
     mipseg_plan -> mipseg_pseudolabel (calibrated; and --rule published) ->
     mipseg_train (dense / pseudo plain / pseudo mip, same epochs and seed) -> mipseg_predict
@@ -19,8 +23,10 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 * the models trained on pseudo-labels (plain and mip trainers; mip also on the published rule's
   labels) and on the dense label;
 
-with the ratio weak / dense. Trainings are cached: a model whose ``checkpoint_final.pth`` exists is not
-trained again (delete the workdir to start over). Run one heavy process at a time on a shared machine::
+with the ratio weak / dense. No refined model: ``mipseg_refine`` needs out-of-fold predictions of
+five fold models, and each volume gives one training case. Trainings are cached: a model whose
+``trained_{id}_{model}`` marker exists is not trained again (delete the workdir to start over).
+Run one heavy process at a time on a shared machine::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/real_vessels.py --epochs 20 --iters-per-epoch 25
 """
@@ -41,6 +47,8 @@ from mipseg.metrics import cldice, dice, recall
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOLUMES = ("octa_vessels", "lightsheet_vessels")
+SYNTHETIC = "synthetic_vessels"
+SYNTHETIC_SHAPE = (64, 128, 128)  # octa's size
 FIRST_ID = 970
 
 
@@ -53,14 +61,28 @@ def scores(truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
     }
 
 
-def write_dataset(raw: Path, dataset_id: int, name: str, fraction: float, axes: tuple[int, ...]) -> Path:
+def read_volume(name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Image (float32) and dense vessel label (uint8) of a shared real volume or the synthetic one."""
+    from mipseg import io
+
+    if name == SYNTHETIC:
+        from mipseg.synthetic import make_vessel_volume
+
+        image, truth = make_vessel_volume(SYNTHETIC_SHAPE, (1.0, 1.0, 1.0), np.random.default_rng(0))
+        return image.astype(np.float32), (truth > 0).astype(np.uint8)
+    image, _ = io.read_image(DATA / f"{name}.nii.gz", dtype=np.float32)
+    return image, (io.read_image(DATA / f"{name}_label.nii.gz")[0] > 0).astype(np.uint8)
+
+
+def write_dataset(
+    raw: Path, dataset_id: int, name: str, fraction: float, axes: tuple[int, ...], annotator_noise: bool
+) -> Path:
     """The raw dataset of one volume: train sub-volume with annotations, test sub-volume in imagesTs."""
     from mipseg import io
     from mipseg.synthetic.annotation import simulate_mip_annotation
     from mipseg.synthetic.writer import synthetic_geometry
 
-    image, _ = io.read_image(DATA / f"{name}.nii.gz", dtype=np.float32)
-    truth = (io.read_image(DATA / f"{name}_label.nii.gz")[0] > 0).astype(np.uint8)
+    image, truth = read_volume(name)
     cut = int(round(image.shape[2] * fraction))
     folder = raw / f"Dataset{dataset_id:03d}_{name}"
     io.write_json(
@@ -81,8 +103,11 @@ def write_dataset(raw: Path, dataset_id: int, name: str, fraction: float, axes: 
             np.ascontiguousarray(sub_image), geometry, folder / f"images{part}" / f"{name}_0000.nii.gz"
         )
         io.write_image(np.ascontiguousarray(sub_truth), geometry, folder / f"labels{part}" / f"{name}.nii.gz")
+    rng = np.random.default_rng(dataset_id)
     for axis in axes:
-        drawn = simulate_mip_annotation(parts["Tr"][0], parts["Tr"][1], axis)
+        drawn = simulate_mip_annotation(
+            parts["Tr"][0], parts["Tr"][1], axis, annotator_noise=annotator_noise, rng=rng
+        )
         io.write_png(drawn.astype(np.uint8) * 255, folder / "annotationsTr" / f"{name}_mip{axis}.png")
     return folder
 
@@ -119,7 +144,12 @@ LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/i17/real_vessels"))
-    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=VOLUMES)
+    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=[*VOLUMES, SYNTHETIC])
+    parser.add_argument(
+        "--annotator-noise",
+        action="store_true",
+        help="imperfect simulated drawings (faint branches missed, wider strokes); use another --workdir",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--train-fraction", type=float, default=0.5)
     parser.add_argument("--axes", type=int, nargs="+", default=[0, 1, 2])
@@ -139,12 +169,29 @@ def main() -> None:
     from mipseg import io
 
     results: dict[str, dict] = {}
-    for index, name in enumerate(args.volumes):
+    made_with = {
+        "train_fraction": args.train_fraction,
+        "axes": args.axes,
+        "annotator_noise": args.annotator_noise,
+    }
+    for name in args.volumes:
+        index = [*VOLUMES, SYNTHETIC].index(name)  # a volume keeps its dataset id whatever --volumes lists
         d = str(FIRST_ID + index)
         folder = work / "raw" / f"Dataset{FIRST_ID + index:03d}_{name}"
+        marker = folder / "benchmark_settings.json"
         if not (folder / "dataset.json").is_file():
-            write_dataset(work / "raw", FIRST_ID + index, name, args.train_fraction, tuple(args.axes))
+            write_dataset(
+                work / "raw",
+                FIRST_ID + index,
+                name,
+                args.train_fraction,
+                tuple(args.axes),
+                args.annotator_noise,
+            )
+            io.write_json(made_with, marker)
             run_command(["mipseg_plan", "-d", d, "--device", "cpu"], env, "real_vessels")
+        elif marker.is_file() and io.read_json(marker) != made_with:
+            sys.exit(f"{work} holds {name} made with {io.read_json(marker)}; use another --workdir")
         labelsets = work / "preprocessed" / folder.name / "labelsets"
         needed = {"pseudo", "published"} | {MODELS[model][0] for model in args.models} - {"dense"}
         for labels in sorted(needed):
