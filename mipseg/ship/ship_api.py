@@ -163,8 +163,13 @@ def install_model(package: str | Path, *, force: bool = False) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix=".mipseg-install-", dir=root) as staging:
         _, unpacked = extract(Path(package), Path(staging))
         for source, target in zip(unpacked, targets):
+            # the old model moves aside and is deleted only once the new one is in place: an
+            # interruption between the two renames leaves it whole as .{name}.old
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
             if target.exists():
-                shutil.rmtree(target)
+                target.rename(old)
             target.parent.mkdir(parents=True, exist_ok=True)
             source.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
     return targets
