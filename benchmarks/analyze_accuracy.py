@@ -13,14 +13,16 @@ Three parts, each printed as a markdown table:
                mipseg without a trained model at hand: the MIP pseudo-label (vessel voxels of
                :func:`mipseg.pseudolabel.mip_backprojection.pseudo_label_volume` from the simulated
                z-MIP drawing) and the best global threshold of the image (oracle, chosen with the
-               label).
+               label). With ``--models WORKDIR`` (a ``benchmarks/real_vessels.py`` work folder) a
+               second table analyses, on each volume's held-out test half, the dense label and
+               the predictions of the models trained there (MIP-only ``pseudo mip``, ``dense``).
 ``scale``      ``mipseg_analyze`` as a subprocess on 512 x 512 x 300 masks: wall time, CPU time
                (user + sys) and peak resident memory of the process.
 
 Usage::
 
     .venv/bin/python benchmarks/analyze_accuracy.py synthetic [--seeds 8] [--shape 64 96 96]
-    .venv/bin/python benchmarks/analyze_accuracy.py real [--data ../shared/data]
+    .venv/bin/python benchmarks/analyze_accuracy.py real [--data ../shared/data] [--models WORKDIR]
     .venv/bin/python benchmarks/analyze_accuracy.py scale [--work /tmp/analyze_scale]
 """
 
@@ -108,20 +110,68 @@ def synthetic(seeds: int, shape: tuple[int, int, int]) -> None:
             )
 
 
-def real(data: Path) -> None:
-    from mipseg import io
-    from mipseg.analysis.analyze_api import analyze_mask
-    from mipseg.metrics import dice as dice_score
-    from mipseg.planning.mip import maximum_intensity_projection
-    from mipseg.pseudolabel.mip_backprojection import pseudo_label_volume
-    from mipseg.synthetic import best_threshold_dice
+REAL_VOLUMES = ("octa_vessels", "lightsheet_vessels")
+MODEL_ROWS = {"pseudo_mip": "model on MIP pseudo-labels (mip trainer)", "dense": "model on dense labels"}
 
+
+def print_analysis_header() -> None:
     print(
         "\n| volume | mask | Dice vs dense | branches | branch points | total length (mm) | mean radius (mm) "
         "| components | centreline distance to dense (mm) |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for name in ("octa_vessels", "lightsheet_vessels"):
+
+
+def print_analysis_rows(name: str, masks: dict[str, np.ndarray], geometry) -> None:
+    """One table row per mask; the first mask is the dense label the others are compared with."""
+    from scipy.spatial import cKDTree
+
+    from mipseg.analysis.analyze_api import analyze_mask
+    from mipseg.metrics import dice as dice_score
+
+    dense = next(iter(masks.values()))
+    reference = None
+    for mask_name, mask in masks.items():
+        graph, _, measures, _ = analyze_mask(mask, geometry)
+        points = graph.points * np.asarray(geometry.spacing_zyx)
+        if reference is None:
+            reference, distance = points, "-"
+        else:
+            there = cKDTree(reference).query(points)[0].mean()
+            back = cKDTree(points).query(reference)[0].mean()
+            distance = f"{there:.2f} / {back:.2f}"
+        print(
+            f"| {name} | {mask_name} | {dice_score(dense, mask):.3f} | {measures['branches']} "
+            f"| {measures['branch_points']} | {measures['total_length_mm']:.0f} "
+            f"| {measures['mean_radius_mm']:.2f} | {measures['components']} | {distance} |"
+        )
+
+
+def real_models(workdir: Path) -> None:
+    """The test halves of ``real_vessels.py``: dense label against the models' predictions."""
+    from mipseg import io
+
+    print_analysis_header()
+    for raw in sorted((workdir / "raw").glob("Dataset*_*")):
+        name = raw.name.split("_", 1)[1]
+        dense, geometry = io.read_image(raw / "labelsTs" / f"{name}.nii.gz")
+        masks = {"dense label (test half)": dense > 0}
+        dataset_id = raw.name.split("_")[0].removeprefix("Dataset").lstrip("0")
+        for tag, title in MODEL_ROWS.items():
+            prediction = workdir / f"predictions_{dataset_id}_{tag}" / f"{name}.nii.gz"
+            if prediction.is_file():
+                masks[title] = io.read_image(prediction)[0] > 0
+        print_analysis_rows(name, masks, geometry)
+
+
+def real(data: Path, models: Path | None) -> None:
+    from mipseg import io
+    from mipseg.planning.mip import maximum_intensity_projection
+    from mipseg.pseudolabel.mip_backprojection import pseudo_label_volume
+    from mipseg.synthetic import best_threshold_dice
+
+    print_analysis_header()
+    for name in REAL_VOLUMES:
         image, geometry = io.read_image(data / f"{name}.nii.gz", np.float32)
         dense = io.read_image(data / f"{name}_label.nii.gz")[0] > 0
         _, depth = maximum_intensity_projection(image, 0)
@@ -133,24 +183,9 @@ def real(data: Path) -> None:
             "MIP pseudo-label (vessel voxels)": pseudo,
             "best global threshold": image > threshold,
         }
-        reference = None
-        for mask_name, mask in masks.items():
-            graph, _, measures, _ = analyze_mask(mask, geometry)
-            points = graph.points * np.asarray(geometry.spacing_zyx)
-            if reference is None:
-                reference, distance = points, "-"
-            else:
-                from scipy.spatial import cKDTree
-
-                there = cKDTree(reference).query(points)[0].mean()
-                back = cKDTree(points).query(reference)[0].mean()
-                distance = f"{there:.2f} / {back:.2f}"
-            dice = dice_score(dense, mask)
-            print(
-                f"| {name} | {mask_name} | {dice:.3f} | {measures['branches']} | {measures['branch_points']} "
-                f"| {measures['total_length_mm']:.0f} | {measures['mean_radius_mm']:.2f} "
-                f"| {measures['components']} | {distance} |"
-            )
+        print_analysis_rows(name, masks, geometry)
+    if models is not None:
+        real_models(models)
 
 
 def scale(work: Path, data: Path, synthetic_mask: Path | None) -> None:
@@ -228,13 +263,16 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=REPOSITORY.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mipseg_analyze_scale"))
     parser.add_argument(
+        "--models", type=Path, default=None, help="real: a real_vessels.py work folder with trained models"
+    )
+    parser.add_argument(
         "--synthetic-mask", type=Path, default=None, help="reuse a 300x512x512 synthetic label"
     )
     args = parser.parse_args()
     if args.part == "synthetic":
         synthetic(args.seeds, tuple(args.shape))
     elif args.part == "real":
-        real(args.data)
+        real(args.data, args.models)
     else:
         scale(args.work, args.data, args.synthetic_mask)
 
