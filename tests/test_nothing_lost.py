@@ -147,12 +147,24 @@ def test_redirected_training_output_has_one_parsable_line_per_epoch(data_roots, 
 # --- kill tests: SIGINT and SIGKILL at seeded points, then --continue ------------------------------
 
 
+def _interruptible() -> None:
+    """SIGINT back to its default in the child: a suite started in the background (``make test &``)
+    runs with SIGINT ignored, Python then keeps ignoring it, and Ctrl-C could not be simulated."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_until(command: list[str], ready, sig: int, timeout: float = 120.0) -> int:
     """Start ``command``, send ``sig`` as soon as ``ready()`` holds (polled every 20 ms); its exit code.
 
     The point is "random" but reproducible: the first moment a given file appears.
     """
-    process = subprocess.Popen(command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        command,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_interruptible,
+    )
     deadline = time.monotonic() + timeout
     while process.poll() is None and not ready() and time.monotonic() < deadline:
         time.sleep(0.02)

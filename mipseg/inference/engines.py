@@ -45,6 +45,23 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
+def import_openvino():
+    """``import openvino``, with Ctrl-C during its native initialisation kept a Ctrl-C.
+
+    pybind11 turns a KeyboardInterrupt raised while the extension initialises into
+    ``ImportError: initialization failed`` (the interrupt as its cause); re-raised as the
+    interrupt, the command ends with its usual "interrupted" line instead of a traceback.
+    """
+    try:
+        import openvino
+    except ImportError as error:
+        cause = error.__cause__ or error.__context__
+        if isinstance(cause, KeyboardInterrupt):
+            raise KeyboardInterrupt from error
+        raise
+    return openvino
+
+
 def resolve_engine(engine: str, device: torch.device) -> str:
     """The engine an ``--engine`` value means on ``device``: ``"torch"`` or ``"openvino"``.
 
@@ -119,7 +136,7 @@ def _torch_bfloat16_runner(network: torch.nn.Module, device: torch.device) -> Ti
 
 def network_fingerprint(network: torch.nn.Module, batch_shape: Sequence[int], precision: str) -> str:
     """Hash of the network's structure and weights, the batch shape, precision and OpenVINO version."""
-    import openvino
+    openvino = import_openvino()
 
     digest = hashlib.sha256()
     digest.update(repr(network).encode())
@@ -148,7 +165,7 @@ def auto_uses_openvino(
 
 def _converted_model(network: torch.nn.Module, batch_shape: tuple[int, ...], precision: str):
     """The OpenVINO model of ``network`` for ``batch_shape``, from the cache or converted (and cached)."""
-    import openvino
+    openvino = import_openvino()
 
     path = _cached_model_path(network, batch_shape, precision)
     core = openvino.Core()
@@ -170,7 +187,7 @@ def _converted_model(network: torch.nn.Module, batch_shape: tuple[int, ...], pre
 
 
 def _openvino_runner(network: torch.nn.Module, precision: str, batch_shape: tuple[int, ...]) -> TileRunner:
-    import openvino
+    openvino = import_openvino()
 
     model = _converted_model(network, batch_shape, precision)
     config = {
