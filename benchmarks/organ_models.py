@@ -248,37 +248,27 @@ def run_source(source: str, dataset_id: int, args) -> dict:
     for labels in model_order(args.slices):
         if f"model_{labels}" in state or (args.models is not None and labels not in args.models):
             continue
-        schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
-        train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
-                 "--num-workers", "0"]  # fmt: skip
-        seconds = run_command([*train, "--seed", str(args.seed)], env, "organ_models")
         output = work / "predictions" / labels
-        shutil.rmtree(output, ignore_errors=True)
-        run_command(
-            [
-                "mipseg_predict",
-                "-i",
-                str(raw / "imagesTs"),
-                "-o",
-                str(output),
-                "-d",
-                d,
-                "-f",
-                "all",
-                "--labels",
-                labels,
-                "--device",
-                "cpu",
-                "--disable-tta",
-            ],
-            env,
-            "organ_models",
-        )  # noqa: E501 fmt: skip
+        seconds = train_and_predict(d, labels, args.seed, raw, output, env, args)
         scores = folder_scores(output, truths, classes)
         state.set(
             f"model_{labels}", {**scores, "train_seconds": seconds, "iterations": args.epochs * args.iters}
         )
     return state.data
+
+
+def train_and_predict(d: str, labels: str, seed: int, raw: Path, output: Path, env: dict, args) -> float:
+    """``mipseg_train -f all`` on a label set at the benchmark's schedule, then ``mipseg_predict`` of
+    the test volumes into ``output``; returns the training seconds."""
+    schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
+    train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
+             "--num-workers", "0", "--seed", str(seed)]  # fmt: skip
+    seconds = run_command(train, env, "organ_models")
+    shutil.rmtree(output, ignore_errors=True)
+    predict = ["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
+               "--labels", labels, "--device", "cpu", "--disable-tta"]  # fmt: skip
+    run_command(predict, env, "organ_models")
+    return seconds
 
 
 def model_order(slices: list[int]) -> list[str]:
