@@ -42,13 +42,12 @@ GROWTH_VARIANTS = {
 }
 
 
-def labelset_quality(folder: Path, truths: Path, ignore: int | None = None) -> dict[str, float]:
+def labelset_quality(folder: Path, truths: Path) -> dict[str, float]:
     """Errors, ignored voxels (shares of all voxels) and foreground Dice of a label set, pooled over cases."""
     from mipseg import io
     from mipseg.metrics import dice
 
-    if ignore is None:
-        ignore = io.read_json(folder / "labelset.json")["ignore"]
+    ignore = io.read_json(folder / "labelset.json")["ignore"]
     errors = ignored = total = 0
     labelled_all, truth_all = [], []
     for path in sorted(folder.glob("*.nii.gz")):

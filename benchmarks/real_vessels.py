@@ -49,6 +49,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOLUMES = ("octa_vessels", "lightsheet_vessels")
 SYNTHETIC = "synthetic_vessels"
 SYNTHETIC_SHAPE = (64, 128, 128)  # octa's size
+ALL_VOLUMES = (*VOLUMES, SYNTHETIC)  # the position gives the dataset id: FIRST_ID + index
 FIRST_ID = 970
 
 
@@ -144,7 +145,7 @@ LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/i17/real_vessels"))
-    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=[*VOLUMES, SYNTHETIC])
+    parser.add_argument("--volumes", nargs="+", default=list(VOLUMES), choices=ALL_VOLUMES)
     parser.add_argument(
         "--annotator-noise",
         action="store_true",
@@ -175,7 +176,7 @@ def main() -> None:
         "annotator_noise": args.annotator_noise,
     }
     for name in args.volumes:
-        index = [*VOLUMES, SYNTHETIC].index(name)  # a volume keeps its dataset id whatever --volumes lists
+        index = ALL_VOLUMES.index(name)  # a volume keeps its dataset id whatever --volumes lists
         d = str(FIRST_ID + index)
         folder = work / "raw" / f"Dataset{FIRST_ID + index:03d}_{name}"
         marker = folder / "benchmark_settings.json"

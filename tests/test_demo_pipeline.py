@@ -179,7 +179,7 @@ def test_demo_says_its_time_and_a_second_run_continues_where_it_stopped(
     assert again.stdout.count("(done in an earlier run)") >= 20
     ran = [line for line in again.stdout.splitlines() if line.startswith("\x1b[36m$ ")]
     assert len(ran) == 3, ran
-    assert "mipseg_predict" in ran[0] and ran[0].rstrip("\x1b[0m").endswith("--continue"), ran
+    assert "mipseg_predict" in ran[0] and ran[0].removesuffix("\x1b[0m").endswith("--continue"), ran
     assert "mipseg_evaluate" in ran[1] and "--continue" not in ran[1] and "demo_report" in ran[2], ran
     assert "mipseg demo: Dice" in again.stdout
 

@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import types
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +46,7 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def import_openvino():
+def import_openvino() -> types.ModuleType:
     """``import openvino``, with Ctrl-C during its native initialisation kept a Ctrl-C.
 
     pybind11 turns a KeyboardInterrupt raised while the extension initialises into
