@@ -54,6 +54,9 @@ SETTINGS = {
     "calibrated bg0.2": {"background_factor": 0.2},
     "calibrated bg0.35": {"background_factor": 0.35},
     "calibrated bg0": {"background_factor": 0.0},
+    "calibrated edge off": {"edge_radius": 0.0},
+    "calibrated edge6": {"edge_sigmas": 6.0},
+    "calibrated edge r1.8": {"edge_radius": 1.8},
     "calibrated (default)": {},
 }
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

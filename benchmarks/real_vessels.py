@@ -23,8 +23,9 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 * the models trained on pseudo-labels (plain and mip trainers; mip also on the published rule's
   labels) and on the dense label;
 
-with the ratio weak / dense. No refined model: ``mipseg_refine`` needs out-of-fold predictions of
-five fold models, and each volume gives one training case. Trainings are cached: a model whose
+with the ratio weak / dense. ``--models "noedge mip"`` adds the mip trainer on the calibrated labels
+without edge growth (``--edge-radius 0``). No refined model: ``mipseg_refine`` needs out-of-fold
+predictions of five fold models, and each volume gives one training case. Trainings are cached: a model whose
 ``trained_{id}_{model}`` marker exists is not trained again (delete the workdir to start over).
 Run one heavy process at a time on a shared machine::
 
@@ -134,11 +135,13 @@ MODELS = {  # name -> (label set, trainer, extra train flags)
     "pseudo mip": ("pseudo", "mip", []),
     "published mip": ("published", "mip", []),  # the same trainer on the published rule's labels
     "bg0 mip": ("pseudo_bg0", "mip", []),  # calibrated rule with S_0 only below the background median
+    "noedge mip": ("pseudo_noedge", "mip", []),  # calibrated rule without S_1's edge growth
 }
 LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
     "pseudo": [],
     "published": ["--rule", "published"],
     "pseudo_bg0": ["--background-factor", "0"],
+    "pseudo_noedge": ["--edge-radius", "0"],
 }
 
 

@@ -203,6 +203,30 @@ def test_calibrated_rule_keeps_s1_inside_the_drawing_and_off_s0() -> None:
         bp.pseudo_label_volume(volume, {0: annotation}, {0: depth}, ignore_value=2, rule="guess")
 
 
+def test_edge_growth_adds_the_faint_rim_near_s1_and_nothing_far() -> None:
+    rng = np.random.default_rng(3)
+    shape = (24, 32, 32)
+    grid = np.indices(shape).astype(np.float32)
+    radial = np.hypot(grid[0] - 12, grid[2] - 16)  # a tube along y
+    truth = radial <= 2.6
+    volume = rng.normal(100.0, 5.0, shape).astype(np.float32)
+    volume[radial <= 1.0] += 900.0  # bright core: above the grow threshold
+    volume[(radial > 1.0) & truth] += 150.0  # faint rim: 30 noise levels, far below the grow threshold
+    # a faint piece on the tube's rays but 5 voxels from its core: in the hull, out of reach
+    volume[18:21, 10:20, 15:18] += 150.0
+    annotation = truth.any(axis=0)
+    depth = maximum_intensity_projection(volume, 0)[1]
+    scores = {}
+    for radius in (0.0, 1.5):
+        labels, _, _ = bp.pseudo_label_volume(
+            volume, {0: annotation}, {0: depth}, ignore_value=2, edge_radius=radius
+        )
+        scores[radius] = bp.agreement_with_truth(labels, truth)
+        assert not (labels[18:21, 10:20, 15:18] == 1).any()
+    assert scores[0.0]["recall"] < 0.5 and scores[0.0]["precision"] == 1.0, scores
+    assert scores[1.5]["recall"] >= 0.9 and scores[1.5]["precision"] == 1.0, scores
+
+
 def test_more_axes_add_seeds_and_recall(phantom) -> None:
     image, truth = phantom
     one = {0: simulated_annotation(image, truth, 0)}
@@ -382,10 +406,17 @@ def test_cli_runs_with_flags(data_roots: dict[str, Path]) -> None:
     settings = io.read_json(folder.parent / "pub" / "labelset.json")["settings"]
     assert settings["rule"] == "published" and settings["fg_factor"] == 0.9
     result = CliRunner().invoke(
-        pseudolabel_app, ["-d", "901", "--rule", "magic", "--grow-factor", "1.5", "--reference", "local"]
+        pseudolabel_app,
+        ["-d", "901", "--rule", "magic", "--grow-factor", "1.5", "--reference", "local"]
+        + ["--edge-radius", "-1"],
     )
     assert result.exit_code == 2
-    for wrong in ("--rule must be one of", "--grow-factor must be in (0, 1)", "--reference must be one of"):
+    for wrong in (
+        "--rule must be one of",
+        "--grow-factor must be in (0, 1)",
+        "--reference must be one of",
+        "--edge-radius must be in [0, 10]",
+    ):
         assert wrong in result.output, result.output
 
 

@@ -79,6 +79,20 @@ def pseudolabel(
             "--reference", help="calibrated: seed level = mean seed (global) or each ray's own seed (ray)."
         ),
     ] = calibrated.REFERENCE,
+    edge_sigmas: Annotated[
+        float,
+        typer.Option(
+            "--edge-sigmas",
+            help="calibrated: S_1 edge growth takes hull voxels this many background noise levels "
+            "above the background.",
+        ),
+    ] = calibrated.EDGE_SIGMAS,
+    edge_radius: Annotated[
+        float,
+        typer.Option(
+            "--edge-radius", help="calibrated: S_1 edge growth reaches this far in voxels (0: off)."
+        ),
+    ] = calibrated.EDGE_RADIUS,
     axes: Annotated[
         list[int] | None,
         typer.Option(
@@ -108,6 +122,8 @@ def pseudolabel(
             grow_factor=grow_factor,
             background_factor=background_factor,
             reference=reference,
+            edge_sigmas=edge_sigmas,
+            edge_radius=edge_radius,
         )
         folder = make_pseudo_labels(
             dataset, name, settings=settings, resume=resume, num_processes=num_processes

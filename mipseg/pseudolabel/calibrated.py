@@ -15,8 +15,10 @@ The calibrated rule measures two levels on the image itself and places its thres
 
 ``S_1`` = seeded 26-connected components of the voxels above ``b + grow_factor (s - b)`` that lie on
 annotated rays of every axis used (the "visual hull" of the drawing: a voxel on an unannotated ray is
-contradicted by the annotation), plus the seeds. ``S_0`` = voxels on unannotated rays below
-``b + background_factor (s - b)`` (clearly darker than the vessels the annotator saw), minus ``S_1``.
+contradicted by the annotation), plus the seeds, then grown at its edge (:func:`grow_vessel_edge`)
+into hull voxels within ``edge_radius`` that stand ``edge_sigmas`` noise levels above ``b``.
+``S_0`` = voxels on unannotated rays below ``b + background_factor (s - b)`` (clearly darker than the
+vessels the annotator saw), minus ``S_1``.
 
 Every array is numpy ``(z, y, x)``.
 """
@@ -42,6 +44,15 @@ GROW_FACTOR = 0.7
 # lightsheet +0.011 Dice), at an S_0 error of up to 13 % on octa_vessels.
 BACKGROUND_FACTOR = 0.5
 REFERENCE = "global"
+# Edge growth (issue 17, documentation/pseudolabel.md "Edge growth"): labels of real microscopy hold
+# the faint rim of each vessel (light-sheet: the vessel median sits at 0.37 of the seed level), which
+# no fraction of (s - b) finds without flooding the hull. The rim is found by its distance to S_1 and
+# its contrast to the background noise instead. 8 noise levels and 1.5 voxels leave synthetic vessels,
+# aorta_cemra and octa_vessels as they were and lift light-sheet recall from 0.32 to 0.68 at precision
+# 0.96 (3 axes); 6 levels cost the tube phantom and the aorta precision (0.94, 0.99), 1.8 voxels cost
+# light-sheet precision (0.957 -> 0.94 with one axis).
+EDGE_SIGMAS = 8.0
+EDGE_RADIUS = 1.5
 
 
 def background_level(scaled: np.ndarray, unannotated: np.ndarray) -> float:
@@ -88,6 +99,59 @@ def seed_reference(
     return level
 
 
+def background_noise(scaled: np.ndarray, unannotated: np.ndarray) -> tuple[float, float]:
+    """Median and robust standard deviation (1.4826 x MAD) of the voxels on unannotated rays.
+
+    Parameters
+    ----------
+    scaled : np.ndarray of float, shape (z, y, x)
+    unannotated : np.ndarray of bool, shape (z, y, x); the whole volume is used if it is empty
+    """
+    values = scaled[unannotated] if unannotated.any() else scaled.reshape(-1)
+    median = float(np.median(values))
+    return median, 1.4826 * float(np.median(np.abs(values - median)))
+
+
+def grow_vessel_edge(
+    scaled: np.ndarray,
+    foreground: np.ndarray,
+    unannotated: np.ndarray,
+    *,
+    edge_sigmas: float = EDGE_SIGMAS,
+    edge_radius: float = EDGE_RADIUS,
+) -> np.ndarray:
+    """``foreground`` plus the hull voxels near it that are clearly brighter than the background noise.
+
+    A voxel joins when it lies on annotated rays of every axis (not ``unannotated``), within
+    ``edge_radius`` voxels (Euclidean) of ``foreground``, and above ``m + edge_sigmas * sd``, where
+    ``m, sd`` = :func:`background_noise`. Only the component(s) touching ``foreground`` are kept.
+
+    Parameters
+    ----------
+    scaled : np.ndarray of float, shape (z, y, x)
+    foreground : np.ndarray of bool, shape (z, y, x)
+    unannotated : np.ndarray of bool, shape (z, y, x)
+    edge_sigmas : float
+        Contrast over the background median, in robust standard deviations of the background.
+    edge_radius : float
+        Largest distance from ``foreground`` in voxels; 0 returns ``foreground`` unchanged.
+
+    Returns
+    -------
+    np.ndarray of bool, shape (z, y, x), a superset of ``foreground``
+    """
+    if edge_radius <= 0 or not foreground.any():
+        return foreground
+    median, spread = background_noise(scaled, unannotated)
+    candidates = scaled > median + edge_sigmas * spread
+    candidates &= ~unannotated
+    candidates &= ndimage.distance_transform_edt(~foreground) <= edge_radius
+    candidates |= foreground
+    components, _ = ndimage.label(candidates, structure=np.ones((3, 3, 3), dtype=bool))
+    touching = np.unique(components[foreground])
+    return np.isin(components, touching[touching > 0])
+
+
 def calibrated_sets(
     scaled: np.ndarray,
     seeds: np.ndarray,
@@ -98,6 +162,8 @@ def calibrated_sets(
     background_factor: float = BACKGROUND_FACTOR,
     reference: str = REFERENCE,
     min_size: int = 1,
+    edge_sigmas: float = EDGE_SIGMAS,
+    edge_radius: float = EDGE_RADIUS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``S_1`` and ``S_0`` of the calibrated rule.
 
@@ -119,6 +185,8 @@ def calibrated_sets(
         How ``s`` is measured (:func:`seed_reference`).
     min_size : int
         Seeded components with fewer voxels are dropped (the seeds stay).
+    edge_sigmas, edge_radius : float
+        Edge growth of S_1 (:func:`grow_vessel_edge`); ``edge_radius=0`` turns it off.
 
     Returns
     -------
@@ -139,6 +207,9 @@ def calibrated_sets(
     foreground = keep[components]
     del components
     foreground |= seeds
+    foreground = grow_vessel_edge(
+        scaled, foreground, unannotated, edge_sigmas=edge_sigmas, edge_radius=edge_radius
+    )
     background = scaled < level + background_factor * span
     background &= unannotated
     background &= ~foreground

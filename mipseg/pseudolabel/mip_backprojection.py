@@ -293,6 +293,8 @@ def pseudo_label_volume(
     grow_factor: float = calibrated.GROW_FACTOR,
     background_factor: float = calibrated.BACKGROUND_FACTOR,
     reference: str = calibrated.REFERENCE,
+    edge_sigmas: float = calibrated.EDGE_SIGMAS,
+    edge_radius: float = calibrated.EDGE_RADIUS,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """The whole rule for one volume: seeds, ``S_1``, ``S_0`` and the combined label map.
 
@@ -319,9 +321,10 @@ def pseudo_label_volume(
     seed_floor : float
         Drop seeds darker than this x the median seed intensity (:func:`drop_faint_seeds`); 0 keeps all.
     rule : str
-        ``"calibrated"`` (default; uses ``grow_factor``, ``background_factor``, ``reference`` and
-        ``min_size``, see :func:`mipseg.pseudolabel.calibrated.calibrated_sets`) or ``"published"``
-        (uses ``fg_factor``, ``min_size``, ``bright_factor``, ``dark_factor``).
+        ``"calibrated"`` (default; uses ``grow_factor``, ``background_factor``, ``reference``,
+        ``edge_sigmas``, ``edge_radius`` and ``min_size``, see
+        :func:`mipseg.pseudolabel.calibrated.calibrated_sets`) or ``"published"`` (uses ``fg_factor``,
+        ``min_size``, ``bright_factor``, ``dark_factor``).
 
     Returns
     -------
@@ -359,6 +362,8 @@ def pseudo_label_volume(
             background_factor=background_factor,
             reference=reference,
             min_size=min_size,
+            edge_sigmas=edge_sigmas,
+            edge_radius=edge_radius,
         )
         del scaled
         # S_1 lies inside the visual hull and is disjoint from S_0: nothing is contradicted

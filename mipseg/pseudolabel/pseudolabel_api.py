@@ -48,8 +48,9 @@ class PseudoLabelSettings:
     """Every threshold of both rules.
 
     ``rule``: ``"calibrated"`` (default; ``grow_factor``, ``background_factor``, ``reference``,
-    ``min_size``: :mod:`mipseg.pseudolabel.calibrated`) or ``"published"`` (``fg_factor``, ``min_size``,
-    ``bright_factor``, ``dark_factor`` with the published defaults, seed-methods.md A.2).
+    ``edge_sigmas``, ``edge_radius``, ``min_size``: :mod:`mipseg.pseudolabel.calibrated`) or
+    ``"published"`` (``fg_factor``, ``min_size``, ``bright_factor``, ``dark_factor``
+    with the published defaults, seed-methods.md A.2).
     ``axes`` = MIP axes whose annotations are used (``None``: all of dataset.json ``mip_axes``).
     ``overlap`` = what an S_1 voxel the annotation contradicts (in S_0 or on an unannotated ray) becomes
     (``"vessel"``, ``"background"``, ``"ignore"``); ``seed_floor`` drops seeds darker than that fraction
@@ -68,6 +69,8 @@ class PseudoLabelSettings:
     grow_factor: float = calibrated.GROW_FACTOR
     background_factor: float = calibrated.BACKGROUND_FACTOR
     reference: str = calibrated.REFERENCE
+    edge_sigmas: float = calibrated.EDGE_SIGMAS
+    edge_radius: float = calibrated.EDGE_RADIUS
 
     def problems(self) -> list[str]:
         """One line per invalid setting."""
@@ -95,6 +98,10 @@ class PseudoLabelSettings:
                 f"need -1 <= --background-factor < --grow-factor, got {self.background_factor} "
                 f"and {self.grow_factor}"
             )
+        if not self.edge_sigmas >= 0:
+            found.append(f"--edge-sigmas must be >= 0, got {self.edge_sigmas}")
+        if not 0 <= self.edge_radius <= 10:
+            found.append(f"--edge-radius must be in [0, 10] voxels, got {self.edge_radius}")
         if self.reference not in calibrated.REFERENCES:
             found.append(
                 f"--reference must be one of {', '.join(calibrated.REFERENCES)}, got {self.reference!r}"
@@ -218,6 +225,8 @@ def process_case(
         grow_factor=settings.grow_factor,
         background_factor=settings.background_factor,
         reference=settings.reference,
+        edge_sigmas=settings.edge_sigmas,
+        edge_radius=settings.edge_radius,
     )
     low, high = bp.intensity_scale(volume, settings.clip_fraction)
     for axis in axes:
