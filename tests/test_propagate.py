@@ -12,6 +12,7 @@ import torch
 from scipy import ndimage
 
 from mipseg import io, paths
+from mipseg.errors import InputError
 from mipseg.metrics import dice
 from mipseg.propagation import train_flow
 from mipseg.propagation.baselines import copy_transport, demons_flow, registration_transport
@@ -34,6 +35,8 @@ from mipseg.propagation.losses import (
 from mipseg.propagation.propagate import flow_transport, propagate_slices
 from mipseg.propagation.slice_selection import (
     candidate_slices,
+    extent_coverage_cost,
+    spread_over_extent,
     spread_slices,
     suggest_slice,
     suggest_spread_slices,
@@ -312,6 +315,21 @@ def test_spread_slices_pick_the_cheapest_cover_deterministically():
     assert sorted(spread_slices(steps[:2], 3)) == [0, 1]  # never more than the candidates
 
 
+def test_next_slices_cover_the_extent_near_its_ends_deterministically():
+    # one drawing at the centre of slices 0..10: two more at 10 % and 90 % of the extent, the optimum
+    # of the cost that counts slices beyond the outermost drawings twice
+    assert spread_over_extent([5], (0, 10), 2) == [1, 9]
+    assert extent_coverage_cost([1, 5, 9], (0, 10)) == 12.0
+    assert all(
+        extent_coverage_cost([5, a, b], (0, 10)) >= 12.0 for a in range(11) for b in range(11) if a < b
+    )
+    assert spread_over_extent([5], (0, 10), 2) == spread_over_extent([5], (0, 10), 2)
+    assert spread_over_extent([], (0, 20), 3) == [2, 10, 18]  # no drawing yet: spread evenly
+    assert spread_over_extent([3], (0, 30), 2) == [14, 27]  # a drawing off-centre: the others fill
+    assert spread_over_extent([0, 10], (0, 10), 1) == [5]
+    assert spread_over_extent([4, 5], (4, 6), 5) == [6]  # only free slices of the extent
+
+
 # --- training, resume, suggestion -------------------------------------------------------------
 
 
@@ -409,6 +427,46 @@ def test_suggestions_are_deterministic(organ_dataset):
     assert (chosen, errors) == suggest_spread_slices(model, volume, 3) and min(np.diff(chosen)) >= 2
 
 
+def test_next_slices_use_the_drawings_extent(organ_dataset):
+    from mipseg.dataset import load_dataset
+    from mipseg.propagation.propagate_api import (
+        PropagationSettings,
+        propagate_case_drawings,
+        suggest_next_slices,
+    )
+
+    raw = paths.raw_dataset_dir(organ_dataset)
+    truth, _ = io.read_image(raw / "labelsTr" / "organs_000.nii.gz")
+    occupied = np.flatnonzero(truth.any(axis=(1, 2)))
+    for old in (raw / "annotationsTr").glob("organs_000_slice*.png"):
+        old.unlink()  # organs_000 loses its drawing: it gets the label-free choice
+    settings = PropagationSettings(method="copy")
+    flow = train_flow.FlowTrainingSettings(iterations=2, max_depth=8, network=TINY_NET)
+    path = suggest_next_slices(
+        organ_dataset, 2, settings=settings, flow_settings=flow, device="cpu", show_progress=False
+    )
+    first = io.read_json(path)
+    assert first == io.read_json(
+        suggest_next_slices(
+            organ_dataset, 2, settings=settings, flow_settings=flow, device="cpu", show_progress=False
+        )
+    )
+    drawn_case = first["cases"]["organs_001"]
+    drawn, extent = drawn_case["drawn"], drawn_case["extent"]
+    case = next(c for c in load_dataset(organ_dataset).cases if c.case_id == "organs_001")
+    result, _, _ = propagate_case_drawings(load_dataset(organ_dataset), case, settings)
+    reached = np.flatnonzero(result.labels.any(axis=(1, 2)))  # where the copied drawing is kept
+    assert drawn and extent == [reached[0], reached[-1]] and extent[0] <= drawn[0] <= extent[1]
+    assert drawn_case["slices"] == spread_over_extent(drawn, tuple(extent), 2)
+    assert not set(drawn_case["slices"]) & set(drawn) and len(drawn_case["pictures"]) == 2
+    assert (paths.preprocessed_dataset_dir(organ_dataset) / drawn_case["pictures"][0]).is_file()
+    fresh = first["cases"]["organs_000"]
+    assert fresh["drawn"] == [] and fresh["extent"] is None and len(fresh["slices"]) == 2
+    assert occupied.size  # the synthetic organ exists on organs_000
+    with pytest.raises(InputError, match="--suggest-next 0"):
+        suggest_next_slices(organ_dataset, 0, settings=settings, flow_settings=flow, device="cpu")
+
+
 def test_interrupted_propagation_resumes_with_the_remaining_cases(organ_dataset, monkeypatch):
     from mipseg.errors import InputError
     from mipseg.propagation import propagate_api
@@ -491,3 +549,9 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     assert bad.exit_code == 2 and "--coarse-iters -2" in bad.output
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--reference-spacing", "-1"])
     assert bad.exit_code == 2 and "--reference-spacing -1.0" in bad.output
+    bad = runner.invoke(app, ["-d", str(organ_dataset), "--suggest", "2", "--suggest-next", "2"])
+    assert bad.exit_code == 2 and "exclude each other" in bad.output
+    nxt = runner.invoke(app, ["-d", str(organ_dataset), "--suggest-next", "1", "--method", "copy"])
+    assert nxt.exit_code == 0 and "suggestions written to" in nxt.output, nxt.output
+    entry = io.read_json(paths.preprocessed_dataset_dir(organ_dataset) / "suggested_slices.json")["cases"]
+    assert all(len(case["slices"]) == 1 and case["drawn"] for case in entry.values())

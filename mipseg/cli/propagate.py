@@ -13,7 +13,8 @@ from mipseg.cli._common import DatasetOption, DebugOption, DeviceOption, SeedOpt
 app = make_app(
     "Propagate single-slice annotations (annotationsTr/{case}_slice{k}.png) through each volume with "
     "self-supervised inter-slice flows (trained on the dataset's images when it has no flow model), "
-    "or with Demons registration or slice copy; --suggest N proposes N slices per case to annotate instead."
+    "or with Demons registration or slice copy; --suggest N proposes N slices per case to annotate instead, "
+    "--suggest-next N N more given the slices already drawn."
 )
 
 
@@ -25,6 +26,14 @@ def propagate(
         typer.Option(
             "--suggest",
             help="Only suggest N slices per case to annotate (PNGs); bare --suggest = 1; 0 = propagate.",
+        ),
+    ] = 0,
+    suggest_next: Annotated[
+        int,
+        typer.Option(
+            "--suggest-next",
+            help="Only suggest N more slices per case, spread over the extent its drawn slices propagate "
+            "to (with the propagation flags given); cases without drawings get the --suggest choice.",
         ),
     ] = 0,
     method: Annotated[
@@ -106,13 +115,21 @@ def propagate(
     debug: DebugOption = False,
 ) -> None:
     """Train flows if needed, then propagate every annotated case (or suggest slices)."""
+    from mipseg.errors import InputError
     from mipseg.labelset import LabelSet
     from mipseg.propagation.instance_optimization import InstanceOptimization
-    from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset, suggest_slices
+    from mipseg.propagation.propagate_api import (
+        PropagationSettings,
+        propagate_dataset,
+        suggest_next_slices,
+        suggest_slices,
+    )
     from mipseg.propagation.train_flow import FlowTrainingSettings
 
     with reported_errors(debug):
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
+        if suggest and suggest_next:
+            raise InputError(["--suggest and --suggest-next exclude each other: give one"])
         if suggest:
             path = suggest_slices(dataset, flow_settings, count=suggest, resume=resume, device=device)
             Console(soft_wrap=True).print(f"suggestions written to {path}")
@@ -133,6 +150,17 @@ def propagate(
             symmetric_flows=not no_symmetric_flows,
             fusion=fusion,
         )
+        if suggest_next:
+            path = suggest_next_slices(
+                dataset,
+                suggest_next,
+                settings=settings,
+                flow_settings=flow_settings,
+                resume=resume,
+                device=device,
+            )
+            Console(soft_wrap=True).print(f"suggestions written to {path}")
+            return
         folder = propagate_dataset(
             dataset,
             name=name,

@@ -34,6 +34,7 @@ from mipseg.propagation.flow_net import normalize_volume
 from mipseg.propagation.instance_optimization import InstanceOptimization, for_slice_spacing, optimize_flows
 from mipseg.propagation.propagate import (
     FUSIONS,
+    PropagationResult,
     StopRule,
     Transport,
     flow_transport,
@@ -44,6 +45,7 @@ from mipseg.propagation.slice_selection import (
     CENTRAL_FRACTION,
     ct_slice_picture,
     slice_picture,
+    spread_over_extent,
     suggest_spread_slices,
 )
 from mipseg.propagation.train_flow import (
@@ -177,22 +179,8 @@ def suggest_slices(
         for case in bar.track(loaded.cases, description="suggesting slices"):
             volume = load_normalized_image(case.images[0])
             indices, errors = suggest_spread_slices(model, volume, count, torch_device)
-            pictures = [folder / "suggested_slices" / f"{case.case_id}_slice{index}.png" for index in indices]
-            is_ct = loaded.spec.channel_names.get("0", "").upper() == "CT"
-            raw_volume = io.read_image(case.images[0])[0] if is_ct else None
-            for index, picture in zip(indices, pictures):
-                if raw_volume is not None:  # Hounsfield units: a fixed window
-                    io.write_png(ct_slice_picture(raw_volume[index]), picture)
-                    continue
-                io.write_png(slice_picture(volume, index), picture)
             suggestions[case.case_id] = {
-                "slice": indices[0],
-                "slices": indices,
-                "axis": 0,
-                "annotation_file": f"annotationsTr/{case.case_id}_slice{indices[0]}.png",
-                "annotation_files": [f"annotationsTr/{case.case_id}_slice{index}.png" for index in indices],
-                "picture": str(pictures[0].relative_to(folder)),
-                "pictures": [str(picture.relative_to(folder)) for picture in pictures],
+                **suggestion_entry(loaded, case, volume, indices, folder),
                 "reconstruction_error": errors,
             }
     return io.write_json(
@@ -204,6 +192,104 @@ def suggest_slices(
                 if count == 1
                 else f"{count} slices with the lowest summed chain-length-weighted reconstruction error, "
                 "each slice reached from its best suggested slice (greedy)"
+            ),
+            "cases": suggestions,
+        },
+        folder / "suggested_slices.json",
+    )
+
+
+def suggestion_entry(
+    dataset: Dataset, case: Case, volume: np.ndarray, indices: list[int], folder: Path
+) -> dict[str, Any]:
+    """Write the pictures of the suggested slices ``indices`` of one case; return its JSON entry.
+
+    ``volume`` is the normalised image ``(D, H, W)``; CT slices are shown in the soft-tissue window.
+    """
+    pictures = [folder / "suggested_slices" / f"{case.case_id}_slice{index}.png" for index in indices]
+    is_ct = dataset.spec.channel_names.get("0", "").upper() == "CT"
+    raw_volume = io.read_image(case.images[0])[0] if is_ct else None
+    for index, picture in zip(indices, pictures):
+        if raw_volume is not None:  # Hounsfield units: a fixed window
+            io.write_png(ct_slice_picture(raw_volume[index]), picture)
+            continue
+        io.write_png(slice_picture(volume, index), picture)
+    return {
+        "slice": indices[0] if indices else None,
+        "slices": indices,
+        "axis": 0,
+        "annotation_file": f"annotationsTr/{case.case_id}_slice{indices[0]}.png" if indices else None,
+        "annotation_files": [f"annotationsTr/{case.case_id}_slice{index}.png" for index in indices],
+        "picture": str(pictures[0].relative_to(folder)) if pictures else None,
+        "pictures": [str(picture.relative_to(folder)) for picture in pictures],
+    }
+
+
+def suggest_next_slices(
+    dataset: str | int,
+    count: int,
+    *,
+    settings: PropagationSettings = PropagationSettings(),
+    flow_settings: FlowTrainingSettings = FlowTrainingSettings(),
+    resume: bool = False,
+    device: str = "auto",
+    show_progress: bool = True,
+) -> Path:
+    """Suggest ``count`` more slices per training case, given the slices already drawn.
+
+    A case's drawings are propagated (``settings``, as ``mipseg_propagate`` would) and the slices
+    where any class arrives are taken as the organs' extent; the new slices are spread over it by
+    :func:`~mipseg.propagation.slice_selection.spread_over_extent`. A case without drawings gets
+    the label-free suggestion of :func:`suggest_slices`. Writes ``suggested_slices.json`` (each
+    entry also holds ``drawn`` and ``extent``) and the slice pictures; returns the JSON's path.
+    """
+    if count < 1:
+        raise InputError(f"--suggest-next {count}: need at least 1 slice per case")
+    problems = settings.problems()
+    if problems:
+        raise InputError(problems)
+    loaded = load_dataset(dataset)
+    if loaded.spec.annotation != "slice":
+        raise InputError(
+            f"{loaded.folder / 'dataset.json'}: annotation is {loaded.spec.annotation!r}; "
+            'suggesting slices needs "annotation": "slice"'
+        )
+    torch_device = resolve_device(device)
+    model = None
+    if settings.method == "flow" or not all(case.annotations for case in loaded.cases):
+        checkpoint = ensure_flow_model(
+            loaded, flow_settings, resume=resume, device=device, show_progress=show_progress
+        )
+        model = load_flow_model(checkpoint, torch_device)
+    folder = paths.preprocessed_dataset_dir(loaded.name)
+    suggestions: dict[str, Any] = {}
+    with progress_bar(show_progress, elapsed=True) as bar:
+        for case in bar.track(loaded.cases, description="suggesting next slices"):
+            volume = load_normalized_image(case.images[0])
+            if not case.annotations:
+                indices, errors = suggest_spread_slices(model, volume, count, torch_device)
+                suggestions[case.case_id] = {
+                    **suggestion_entry(loaded, case, volume, indices, folder),
+                    "drawn": [],
+                    "extent": None,
+                    "reconstruction_error": errors,
+                }
+                continue
+            result, _, _ = propagate_case_drawings(loaded, case, settings, model, torch_device)
+            reached = np.flatnonzero((result.labels > 0).any(axis=(1, 2)))
+            drawn = sorted(case.annotations)
+            extent = (int(reached[0]), int(reached[-1])) if reached.size else (drawn[0], drawn[-1])
+            indices = spread_over_extent(drawn, extent, count)
+            suggestions[case.case_id] = {
+                **suggestion_entry(loaded, case, volume, indices, folder),
+                "drawn": drawn,
+                "extent": list(extent),
+            }
+    return io.write_json(
+        {
+            "criterion": (
+                f"{count} more slices per case over the extent its drawings propagate to ({settings.method}),"
+                " each organ slice close to a drawing, twice as close beyond the outermost ones"
             ),
             "cases": suggestions,
         },
@@ -324,11 +410,20 @@ def make_transport(
     return copy_transport
 
 
-def propagate_case(
-    dataset: Dataset, case: Case, settings: PropagationSettings, folder: Path, model=None, device="cpu"
-) -> dict[str, Any]:
-    """Propagate, write ``{case}.nii.gz`` and return the case's report entry."""
-    began = time.perf_counter()
+def propagate_case_drawings(
+    dataset: Dataset, case: Case, settings: PropagationSettings, model=None, device="cpu"
+) -> tuple[PropagationResult, io.Geometry, InstanceOptimization]:
+    """Propagate one case's drawn slices through its volume, in memory.
+
+    Returns
+    -------
+    result : PropagationResult
+        Labels and unsure voxels, shape (z, y, x) of the raw image, and the per-class extents.
+    geometry : io.Geometry
+        The raw image's geometry.
+    refinement : InstanceOptimization
+        The flow refinement settings used (scaled to the slice spacing).
+    """
     raw, geometry = io.read_image(case.images[0], dtype=np.float32)
     volume = normalize_volume(raw)
     annotations = {
@@ -348,6 +443,15 @@ def propagate_case(
         band_growth=settings.band_growth,
         fusion=settings.fusion,
     )
+    return result, geometry, refinement
+
+
+def propagate_case(
+    dataset: Dataset, case: Case, settings: PropagationSettings, folder: Path, model=None, device="cpu"
+) -> dict[str, Any]:
+    """Propagate, write ``{case}.nii.gz`` and return the case's report entry."""
+    began = time.perf_counter()
+    result, geometry, refinement = propagate_case_drawings(dataset, case, settings, model, device)
     labels = result.with_ignore(dataset.spec.ignore_label)
     io.write_image(
         labels.astype(np.uint8 if labels.max() < 256 else np.int16),
@@ -357,7 +461,7 @@ def propagate_case(
     values = {**dataset.spec.class_labels, "ignore": dataset.spec.ignore_label}
     entry: dict[str, Any] = {
         "counts": {label: int(np.count_nonzero(labels == value)) for label, value in values.items()},
-        "annotated_slices": sorted(annotations),
+        "annotated_slices": sorted(case.annotations),
         "extents": [extent.to_dict() for extent in result.extents],
         "unsure_fraction": float(result.unsure.mean()),
         "seconds": time.perf_counter() - began,

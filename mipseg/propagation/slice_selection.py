@@ -14,9 +14,17 @@ poor (measured: documentation/propagate.md).
 Several slices per volume (:func:`suggest_spread_slices`) are chosen greedily among the
 full-body slices of the central half of the body's extent so that every slice of the volume is
 reached from its best anchor with the least chain-weighted error; the anchors spread out.
+
+Once some slices are drawn, the organ's extent is known approximately (where the drawings
+propagate to), and further slices are placed over that extent (:func:`spread_over_extent`):
+the organ's slices should lie close to a drawing, and twice as close where they lie beyond the
+outermost drawings, because a mask carried outward to the organ's tapering end is less accurate
+than one fused from drawings on both sides.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +33,11 @@ from mipseg.propagation.flow_net import FlowNet, to_working_grid
 from mipseg.propagation.propagate import predict_flows
 from mipseg.propagation.warping import warp_slice
 
+# Weight of a slice beyond the outermost anchors in the coverage cost of spread_over_extent. With one
+# drawing at the centre of the extent, 2 puts two more at 10 % and 90 % of it; on the synthetic organs
+# of benchmarks/organ_models.py, drawings placed at (10, 50, 90) % of the true extent gave labels with
+# Dice 0.946, (1/6, 1/2, 5/6) -- weight 1, the plain k-median -- 0.927, (25, 50, 75) % 0.927.
+EXTRAPOLATION_WEIGHT = 2.0
 BODY_THRESHOLD = 0.05
 MIN_BODY_FRACTION = 0.5
 CENTRAL_FRACTION = 0.15
@@ -172,6 +185,77 @@ def full_body_slices(volume: np.ndarray, fraction: float = SPREAD_FRACTION) -> n
     central = np.abs(np.arange(volume.shape[0]) - centre) <= max(half, 0.5)
     chosen = np.flatnonzero(central & (area >= MIN_BODY_FRACTION * area.max()))
     return chosen if chosen.size else np.flatnonzero(central)
+
+
+def extent_coverage_cost(
+    anchors: Sequence[int], extent: tuple[int, int], extrapolation_weight: float = EXTRAPOLATION_WEIGHT
+) -> float:
+    """Sum over the slices ``extent[0] .. extent[1]`` of the distance to the nearest anchor.
+
+    Distances of slices beyond the outermost anchors count ``extrapolation_weight`` times.
+    """
+    ordered = np.sort(np.asarray(anchors, dtype=np.int64))
+    if ordered.size == 0:
+        raise ValueError("need at least one anchor slice")
+    slices = np.arange(extent[0], extent[1] + 1)
+    distance = np.abs(slices[:, None] - ordered[None, :]).min(axis=1).astype(np.float64)
+    outside = (slices < ordered[0]) | (slices > ordered[-1])
+    distance[outside] *= extrapolation_weight
+    return float(distance.sum())
+
+
+def spread_over_extent(
+    drawn: Sequence[int],
+    extent: tuple[int, int],
+    count: int,
+    extrapolation_weight: float = EXTRAPOLATION_WEIGHT,
+) -> list[int]:
+    """``count`` new slices in ``extent`` (inclusive) that, with ``drawn``, cover it at the least cost.
+
+    Cost = :func:`extent_coverage_cost`. The slices are added greedily, then each is moved to its
+    best position with the others held (until nothing improves). Ties go to the slice nearer the
+    extent's centre (an estimated extent may reach a slice or two past the organ, and the end slices
+    show it smallest), then to the lower slice, so the result is deterministic. Fewer than ``count``
+    come back when the extent has no more free slices.
+
+    Parameters
+    ----------
+    drawn : sequence of int
+        Slices already drawn (may lie outside ``extent``; may be empty).
+    extent : (first, last)
+        Slice range the organ is believed to occupy, along axis 0.
+    count : int
+        New slices wanted.
+
+    Returns
+    -------
+    list of int, sorted, disjoint from ``drawn``.
+    """
+    first, last = int(min(extent)), int(max(extent))
+    fixed = [int(index) for index in drawn]
+    free = [index for index in range(first, last + 1) if index not in fixed]
+    chosen: list[int] = []
+
+    def cost_with(candidate: int, others: list[int]) -> float:
+        return extent_coverage_cost([*fixed, *others, candidate], (first, last), extrapolation_weight)
+
+    def rank(candidate: int, others: list[int]) -> tuple[float, float, int]:
+        return cost_with(candidate, others), abs(candidate - 0.5 * (first + last)), candidate
+
+    for _ in range(min(count, len(free))):
+        options = [index for index in free if index not in chosen]
+        chosen.append(min(options, key=lambda index: rank(index, chosen)))
+    for _ in range(10):  # coordinate descent; converges in a few passes on any extent tried
+        moved = False
+        for position in range(len(chosen)):
+            others = chosen[:position] + chosen[position + 1 :]
+            options = [index for index in free if index not in others]
+            best = min(options, key=lambda index: rank(index, others))
+            if cost_with(best, others) < cost_with(chosen[position], others):
+                chosen[position], moved = best, True
+        if not moved:
+            break
+    return sorted(chosen)
 
 
 def slice_picture(volume: np.ndarray, index: int) -> np.ndarray:
