@@ -6,7 +6,8 @@ runs with its commands in a work folder:
 
 1. a raw dataset with training and test volumes (``annotation: slice``);
 2. ``mipseg_plan``; ``mipseg_propagate --suggest K`` for K = 1, 2, 3 drawn slices per volume
-   (the flow model is trained once, self-supervised, on the images);
+   (the flow model is trained once, self-supervised, on the images); with ``--suggest-mode next``,
+   K > 1 is one suggested slice, drawn, then ``--suggest-next K-1`` over its propagated extent;
 3. the simulated annotator draws the suggested slices (the dense truth on those slices, every
    organ on them); ``mipseg_propagate`` with ``--method flow`` and ``registration`` writes label
    sets ``flow_K`` / ``registration_K``, whose Dice against the training truth is the *labels* line;
@@ -138,16 +139,24 @@ def write_source_dataset(source: str, dataset_id: int, args) -> Path:
     return write_real_dataset(paths.raw_root(), dataset_id, source, args)
 
 
-def draw_suggested(raw: Path, suggestions: Path) -> dict[str, list[int]]:
-    """Simulated annotator: the dense truth on every suggested slice that shows an organ."""
+def draw_suggested(raw: Path, *suggestions: Path) -> dict[str, list[int]]:
+    """Simulated annotator: the dense truth on every slice of the suggestion files that shows an organ.
+
+    Earlier drawings of each case are removed first; several files (``--suggest 1`` and then
+    ``--suggest-next``) are drawn together.
+    """
     from mipseg import io
 
+    slices: dict[str, set[int]] = {}
+    for path in suggestions:
+        for case_id, entry in io.read_json(path)["cases"].items():
+            slices.setdefault(case_id, set()).update(int(i) for i in entry["slices"])
     drawn = {}
-    for case_id, entry in io.read_json(suggestions)["cases"].items():
+    for case_id, indices in slices.items():
         for old in (raw / "annotationsTr").glob(f"{case_id}_slice*.png"):
             old.unlink()
         truth, _ = io.read_image(raw / "labelsTr" / f"{case_id}.nii.gz")
-        drawn[case_id] = [int(i) for i in entry["slices"] if truth[int(i)].any()]
+        drawn[case_id] = [i for i in sorted(indices) if truth[i].any()]
         for index in drawn[case_id]:
             io.write_png(truth[index].astype(np.uint8), raw / "annotationsTr" / f"{case_id}_slice{index}.png")
     return drawn
@@ -229,17 +238,30 @@ def run_source(source: str, dataset_id: int, args) -> dict:
     spec = io.read_json(raw / "dataset.json")
     classes = {k: v for k, v in spec["labels"].items() if k not in ("background", "ignore")}
     flow = ["--iters", str(args.flow_iters), "--device", "cpu"]
-    for count in args.slices:
+    suggestions = paths.preprocessed_dataset_dir(d) / "suggested_slices.json"
+
+    def drawing_files(count: int) -> list[Path]:
+        if args.suggest_mode == "next" and count > 1:  # the first drawing, then the next ones
+            return [work / "suggested_1.json", work / f"suggested_{count}.json"]
+        return [work / f"suggested_{count}.json"]
+
+    for count in sorted(set(args.slices) | ({1} if args.suggest_mode == "next" else set())):
         if f"drawn_{count}" not in state:
-            run_command(["mipseg_propagate", "-d", d, "--suggest", str(count), *flow], env, "organ_models")
-            suggestions = paths.preprocessed_dataset_dir(d) / "suggested_slices.json"
+            if args.suggest_mode == "next" and count > 1:
+                draw_suggested(raw, work / "suggested_1.json")
+                command = ["mipseg_propagate", "-d", d, "--suggest-next", str(count - 1), *flow]
+            else:
+                command = ["mipseg_propagate", "-d", d, "--suggest", str(count), *flow]
+            run_command(command, env, "organ_models")
             shutil.copy(suggestions, work / f"suggested_{count}.json")
-            state.set(f"drawn_{count}", draw_suggested(raw, work / f"suggested_{count}.json"))
+            state.set(f"drawn_{count}", draw_suggested(raw, *drawing_files(count)))
+        if count not in args.slices:
+            continue
         for method in METHODS:
             name = f"{method}_{count}"
             if f"labels_{name}" in state:
                 continue
-            draw_suggested(raw, work / f"suggested_{count}.json")  # the drawings of this count
+            draw_suggested(raw, *drawing_files(count))  # the drawings of this count
             command = ["mipseg_propagate", "-d", d, "--method", method, "--name", name, *flow]
             seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
             report = io.read_json(paths.preprocessed_dataset_dir(d) / "labelsets" / name / "report.json")
@@ -369,6 +391,13 @@ def main() -> None:
     )
     parser.add_argument("--propagate-flags", nargs=argparse.REMAINDER, default=[],
                         help="Extra mipseg_propagate flags (last on the line).")  # fmt: skip
+    parser.add_argument(
+        "--suggest-mode",
+        choices=("spread", "next"),
+        default="spread",
+        help="K > 1 drawn slices: --suggest K (spread) or --suggest 1, then --suggest-next K-1 "
+        "(next); use another --work per mode.",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/i22/organ_models"))
     parser.add_argument(

@@ -318,16 +318,18 @@ def test_spread_slices_pick_the_cheapest_cover_deterministically():
 def test_next_slices_cover_the_extent_near_its_ends_deterministically():
     # one drawing at the centre of slices 0..10: two more at 10 % and 90 % of the extent, the optimum
     # of the cost that counts slices beyond the outermost drawings twice
-    assert spread_over_extent([5], (0, 10), 2) == [1, 9]
-    assert extent_coverage_cost([1, 5, 9], (0, 10)) == 12.0
+    assert spread_over_extent([5], [(0, 10)], 2) == [1, 9]
+    assert extent_coverage_cost([1, 5, 9], [(0, 10)]) == 12.0
     assert all(
-        extent_coverage_cost([5, a, b], (0, 10)) >= 12.0 for a in range(11) for b in range(11) if a < b
+        extent_coverage_cost([5, a, b], [(0, 10)]) >= 12.0 for a in range(11) for b in range(11) if a < b
     )
-    assert spread_over_extent([5], (0, 10), 2) == spread_over_extent([5], (0, 10), 2)
-    assert spread_over_extent([], (0, 20), 3) == [2, 10, 18]  # no drawing yet: spread evenly
-    assert spread_over_extent([3], (0, 30), 2) == [14, 27]  # a drawing off-centre: the others fill
-    assert spread_over_extent([0, 10], (0, 10), 1) == [5]
-    assert spread_over_extent([4, 5], (4, 6), 5) == [6]  # only free slices of the extent
+    assert spread_over_extent([5], [(0, 10)], 2) == spread_over_extent([5], [(0, 10)], 2)
+    assert spread_over_extent([], [(0, 20)], 3) == [2, 10, 18]  # no drawing yet: spread evenly
+    assert spread_over_extent([3], [(0, 30)], 2) == [14, 27]  # a drawing off-centre: the others fill
+    assert spread_over_extent([0, 10], [(0, 10)], 1) == [5]
+    assert spread_over_extent([4, 5], [(4, 6)], 5) == [6]  # only free slices of the extent
+    # two organs: a small one (4..8) pulls the first new slice inward from the large one's end (0..20)
+    assert spread_over_extent([10], [(0, 20), (4, 8)], 2) == [3, 18]
 
 
 # --- training, resume, suggestion -------------------------------------------------------------
@@ -457,7 +459,8 @@ def test_next_slices_use_the_drawings_extent(organ_dataset):
     result, _, _ = propagate_case_drawings(load_dataset(organ_dataset), case, settings)
     reached = np.flatnonzero(result.labels.any(axis=(1, 2)))  # where the copied drawing is kept
     assert drawn and extent == [reached[0], reached[-1]] and extent[0] <= drawn[0] <= extent[1]
-    assert drawn_case["slices"] == spread_over_extent(drawn, tuple(extent), 2)
+    assert drawn_case["class_extents"] == {"organ": extent}
+    assert drawn_case["slices"] == spread_over_extent(drawn, [tuple(extent)], 2)
     assert not set(drawn_case["slices"]) & set(drawn) and len(drawn_case["pictures"]) == 2
     assert (paths.preprocessed_dataset_dir(organ_dataset) / drawn_case["pictures"][0]).is_file()
     fresh = first["cases"]["organs_000"]

@@ -225,6 +225,16 @@ def suggestion_entry(
     }
 
 
+def class_extents(labels: np.ndarray, classes: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """First and last slice (axis 0) holding each class of ``labels`` ``(D, H, W)``; absent ones left out."""
+    extents = {}
+    for name, value in classes.items():
+        reached = np.flatnonzero((labels == value).any(axis=(1, 2)))
+        if reached.size:
+            extents[name] = (int(reached[0]), int(reached[-1]))
+    return extents
+
+
 def suggest_next_slices(
     dataset: str | int,
     count: int,
@@ -237,11 +247,12 @@ def suggest_next_slices(
 ) -> Path:
     """Suggest ``count`` more slices per training case, given the slices already drawn.
 
-    A case's drawings are propagated (``settings``, as ``mipseg_propagate`` would) and the slices
-    where any class arrives are taken as the organs' extent; the new slices are spread over it by
-    :func:`~mipseg.propagation.slice_selection.spread_over_extent`. A case without drawings gets
-    the label-free suggestion of :func:`suggest_slices`. Writes ``suggested_slices.json`` (each
-    entry also holds ``drawn`` and ``extent``) and the slice pictures; returns the JSON's path.
+    A case's drawings are propagated (``settings``, as ``mipseg_propagate`` would); the first and
+    last slice each class arrives at are its extent, and the new slices are spread over the classes'
+    extents by :func:`~mipseg.propagation.slice_selection.spread_over_extent`. A case without
+    drawings gets the label-free suggestion of :func:`suggest_slices`. Writes
+    ``suggested_slices.json`` (each entry also holds ``drawn``, ``extent`` (all classes) and
+    ``class_extents``) and the slice pictures; returns the JSON's path.
     """
     if count < 1:
         raise InputError(f"--suggest-next {count}: need at least 1 slice per case")
@@ -272,18 +283,20 @@ def suggest_next_slices(
                     **suggestion_entry(loaded, case, volume, indices, folder),
                     "drawn": [],
                     "extent": None,
+                    "class_extents": {},
                     "reconstruction_error": errors,
                 }
                 continue
             result, _, _ = propagate_case_drawings(loaded, case, settings, model, torch_device)
-            reached = np.flatnonzero((result.labels > 0).any(axis=(1, 2)))
             drawn = sorted(case.annotations)
-            extent = (int(reached[0]), int(reached[-1])) if reached.size else (drawn[0], drawn[-1])
-            indices = spread_over_extent(drawn, extent, count)
+            organs = {name: value for name, value in loaded.spec.class_labels.items() if value != 0}
+            extents = class_extents(result.labels, organs) or {"drawn": (drawn[0], drawn[-1])}
+            indices = spread_over_extent(drawn, list(extents.values()), count)
             suggestions[case.case_id] = {
                 **suggestion_entry(loaded, case, volume, indices, folder),
                 "drawn": drawn,
-                "extent": list(extent),
+                "extent": [min(e[0] for e in extents.values()), max(e[1] for e in extents.values())],
+                "class_extents": {name: list(extent) for name, extent in extents.items()},
             }
     return io.write_json(
         {

@@ -188,42 +188,49 @@ def full_body_slices(volume: np.ndarray, fraction: float = SPREAD_FRACTION) -> n
 
 
 def extent_coverage_cost(
-    anchors: Sequence[int], extent: tuple[int, int], extrapolation_weight: float = EXTRAPOLATION_WEIGHT
+    anchors: Sequence[int],
+    extents: Sequence[tuple[int, int]],
+    extrapolation_weight: float = EXTRAPOLATION_WEIGHT,
 ) -> float:
-    """Sum over the slices ``extent[0] .. extent[1]`` of the distance to the nearest anchor.
+    """Sum over the extents and their slices ``first .. last`` of the distance to the nearest anchor.
 
-    Distances of slices beyond the outermost anchors count ``extrapolation_weight`` times.
+    Distances of slices beyond the outermost anchors count ``extrapolation_weight`` times. Several
+    extents (one per organ) each add their own sum, so a small organ's ends count as much as a
+    large one's.
     """
     ordered = np.sort(np.asarray(anchors, dtype=np.int64))
     if ordered.size == 0:
         raise ValueError("need at least one anchor slice")
-    slices = np.arange(extent[0], extent[1] + 1)
-    distance = np.abs(slices[:, None] - ordered[None, :]).min(axis=1).astype(np.float64)
-    outside = (slices < ordered[0]) | (slices > ordered[-1])
-    distance[outside] *= extrapolation_weight
-    return float(distance.sum())
+    total = 0.0
+    for first, last in extents:
+        slices = np.arange(min(first, last), max(first, last) + 1)
+        distance = np.abs(slices[:, None] - ordered[None, :]).min(axis=1).astype(np.float64)
+        distance[(slices < ordered[0]) | (slices > ordered[-1])] *= extrapolation_weight
+        total += float(distance.sum())
+    return total
 
 
 def spread_over_extent(
     drawn: Sequence[int],
-    extent: tuple[int, int],
+    extents: Sequence[tuple[int, int]],
     count: int,
     extrapolation_weight: float = EXTRAPOLATION_WEIGHT,
 ) -> list[int]:
-    """``count`` new slices in ``extent`` (inclusive) that, with ``drawn``, cover it at the least cost.
+    """``count`` new slices that, with ``drawn``, cover the ``extents`` at the least cost.
 
-    Cost = :func:`extent_coverage_cost`. The slices are added greedily, then each is moved to its
-    best position with the others held (until nothing improves). Ties go to the slice nearer the
-    extent's centre (an estimated extent may reach a slice or two past the organ, and the end slices
-    show it smallest), then to the lower slice, so the result is deterministic. Fewer than ``count``
-    come back when the extent has no more free slices.
+    Cost = :func:`extent_coverage_cost`. The slices are added greedily from the slices of the
+    extents' union range, then each is moved to its best position with the others held (until
+    nothing improves). Ties go to the slice nearer the centre of that range (an estimated extent may
+    reach a slice or two past the organ, and the end slices show it smallest), then to the lower
+    slice, so the result is deterministic. Fewer than ``count`` come back when the range has no
+    more free slices.
 
     Parameters
     ----------
     drawn : sequence of int
-        Slices already drawn (may lie outside ``extent``; may be empty).
-    extent : (first, last)
-        Slice range the organ is believed to occupy, along axis 0.
+        Slices already drawn (may lie outside the extents; may be empty).
+    extents : sequence of (first, last)
+        Slice ranges the organs are believed to occupy along axis 0, one per organ; not empty.
     count : int
         New slices wanted.
 
@@ -231,16 +238,17 @@ def spread_over_extent(
     -------
     list of int, sorted, disjoint from ``drawn``.
     """
-    first, last = int(min(extent)), int(max(extent))
+    if not extents:
+        raise ValueError("need at least one extent")
+    first = int(min(min(extent) for extent in extents))
+    last = int(max(max(extent) for extent in extents))
     fixed = [int(index) for index in drawn]
     free = [index for index in range(first, last + 1) if index not in fixed]
     chosen: list[int] = []
 
-    def cost_with(candidate: int, others: list[int]) -> float:
-        return extent_coverage_cost([*fixed, *others, candidate], (first, last), extrapolation_weight)
-
     def rank(candidate: int, others: list[int]) -> tuple[float, float, int]:
-        return cost_with(candidate, others), abs(candidate - 0.5 * (first + last)), candidate
+        cost = extent_coverage_cost([*fixed, *others, candidate], extents, extrapolation_weight)
+        return cost, abs(candidate - 0.5 * (first + last)), candidate
 
     for _ in range(min(count, len(free))):
         options = [index for index in free if index not in chosen]
@@ -251,7 +259,7 @@ def spread_over_extent(
             others = chosen[:position] + chosen[position + 1 :]
             options = [index for index in free if index not in others]
             best = min(options, key=lambda index: rank(index, others))
-            if cost_with(best, others) < cost_with(chosen[position], others):
+            if rank(best, others)[0] < rank(chosen[position], others)[0]:
                 chosen[position], moved = best, True
         if not moved:
             break
