@@ -408,7 +408,7 @@ def test_interrupted_training_resumes_to_the_same_weights(organ_dataset, monkeyp
 
 
 def test_suggestions_are_deterministic(organ_dataset):
-    from mipseg.propagation.propagate_api import suggest_slices
+    from mipseg.propagation.suggest_api import suggest_slices
 
     settings = train_flow.FlowTrainingSettings(iterations=2, max_depth=8, network=TINY_NET)
     first = io.read_json(suggest_slices(organ_dataset, settings, device="cpu", show_progress=False))
@@ -431,11 +431,8 @@ def test_suggestions_are_deterministic(organ_dataset):
 
 def test_next_slices_use_the_drawings_extent(organ_dataset):
     from mipseg.dataset import load_dataset
-    from mipseg.propagation.propagate_api import (
-        PropagationSettings,
-        propagate_case_drawings,
-        suggest_next_slices,
-    )
+    from mipseg.propagation.propagate_api import PropagationSettings, propagate_case_drawings
+    from mipseg.propagation.suggest_api import suggest_next_slices
 
     raw = paths.raw_dataset_dir(organ_dataset)
     truth, _ = io.read_image(raw / "labelsTr" / "organs_000.nii.gz")

@@ -118,12 +118,8 @@ def propagate(
     from mipseg.errors import InputError
     from mipseg.labelset import LabelSet
     from mipseg.propagation.instance_optimization import InstanceOptimization
-    from mipseg.propagation.propagate_api import (
-        PropagationSettings,
-        propagate_dataset,
-        suggest_next_slices,
-        suggest_slices,
-    )
+    from mipseg.propagation.propagate_api import PropagationSettings, propagate_dataset
+    from mipseg.propagation.suggest_api import suggest_next_slices, suggest_slices
     from mipseg.propagation.train_flow import FlowTrainingSettings
 
     with reported_errors(debug):
