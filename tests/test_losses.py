@@ -14,6 +14,8 @@ from mipseg.training.losses import (
     partial_cross_entropy,
     partial_soft_dice,
     seed_cross_entropy,
+    skeleton_recall,
+    tubed_skeleton,
 )
 from mipseg.training.network import build_network
 
@@ -114,3 +116,37 @@ def test_pseudo_dice_counts_only_labelled_voxels_and_poly_lr() -> None:
     assert dice_from_counts(*counts.T).tolist() == [2 / 3]
     assert np.isnan(dice_from_counts(*np.zeros((1, 3), dtype=np.int64).T)[0])
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
+
+
+def test_skeleton_recall_counts_the_tubed_skeleton_of_each_labelled_vessel() -> None:
+    target = torch.full((1, 1, 12, 16, 16), 2, dtype=torch.long)  # 2 = ignore
+    target[0, 0, :, :, :3] = 0
+    target[0, 0, 3:9, 5:11, 8] = 1  # a one-voxel-thick plate: its skeleton is a line in it
+    target[0, 0, 6, 8, 4:14] = 1  # a thin vessel crossing it
+    skeleton = tubed_skeleton(target, ignore_label=2)
+    assert skeleton.shape == (1, 2, 12, 16, 16) and skeleton[:, 0].sum() == 0
+    assert skeleton[0, 1, 6, 8, 4:14].all()  # the thin vessel's centreline is in the skeleton
+    assert not skeleton[0, 1][target[0, 0] == 0].any()  # nothing on labelled background
+    logits = torch.zeros(1, 2, 12, 16, 16)
+    logits[:, 1] = 20.0  # vessel everywhere: full recall
+    assert float(skeleton_recall(logits, target, 2)) < 1e-6
+    logits[:, 1] = -20.0  # background everywhere: no recall
+    assert float(skeleton_recall(logits, target, 2)) > 1 - 1e-6
+    logits = torch.zeros(1, 2, 12, 16, 16, requires_grad=True)
+    term = skeleton_recall(logits, target, 2)
+    term.backward()
+    assert abs(float(term.detach()) - 0.5) < 1e-6 and logits.grad[0, 1, 6, 8, 6] < 0
+    assert float(logits.grad[0, 1, 0, 0, 0]) == 0.0  # off the skeleton: no gradient
+    empty = torch.full((1, 1, 4, 4, 4), 2, dtype=torch.long)
+    assert float(skeleton_recall(torch.zeros(1, 2, 4, 4, 4), empty, 2)) == 0.0
+
+
+def test_skeleton_weight_adds_the_term_to_the_loss() -> None:
+    torch.manual_seed(0)
+    target = torch.zeros((2, 1, 8, 16, 16), dtype=torch.long)
+    target[:, :, 4, 8, 2:14] = 1
+    logits = torch.randn(2, 2, 8, 16, 16)
+    plain, parts = PartialDiceCELoss(ignore_label=2)([logits], {"target": target})
+    both, parts_both = PartialDiceCELoss(ignore_label=2, skeleton_weight=2.0)([logits], {"target": target})
+    assert "skeleton" not in parts and "skeleton" in parts_both
+    assert float(both - plain) == pytest.approx(2.0 * parts_both["skeleton"], rel=1e-5)

@@ -59,6 +59,13 @@ def train(
     seed_weight: Annotated[
         float, typer.Option("--seed-weight", help="Weight of the seed term L_p (skipped without seeds).")
     ] = 1.0,
+    skeleton_weight: Annotated[
+        float,
+        typer.Option(
+            "--skeleton-weight",
+            help="Weight of the skeleton recall term (soft recall of the labels' tubed skeleton; 0 = off).",
+        ),
+    ] = 0.0,
     initial_lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (poly decay).")] = 1e-2,
     num_workers: Annotated[
         int | None,
@@ -109,6 +116,7 @@ def train(
             seed=seed,
             dropout=dropout,
             seed_weight=seed_weight,
+            skeleton_weight=skeleton_weight,
             device=device,
         )
         fold_dir = train_fold(

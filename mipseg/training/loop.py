@@ -43,6 +43,7 @@ class TrainingConfig:
     seed: int = 0
     dropout: float = 0.0
     seed_weight: float = 1.0
+    skeleton_weight: float = 0.0
     device: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
@@ -64,6 +65,8 @@ def check_config(config: TrainingConfig) -> None:
         problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.seed_weight < 0:
         problems.append(f"--seed-weight must be >= 0, got {config.seed_weight}")
+    if config.skeleton_weight < 0:
+        problems.append(f"--skeleton-weight must be >= 0, got {config.skeleton_weight}")
     if config.initial_lr <= 0:
         problems.append(f"--lr must be positive, got {config.initial_lr}")
     if config.save_every < 1:

@@ -34,7 +34,11 @@ class TrainerComponents:
 
 
 def _plain_loss(plans: Plans, spec: DatasetSpec, config: TrainingConfig) -> LossFunction:
-    return PartialDiceCELoss(ignore_label=spec.ignore_label, seed_weight=config.seed_weight)
+    return PartialDiceCELoss(
+        ignore_label=spec.ignore_label,
+        seed_weight=config.seed_weight,
+        skeleton_weight=config.skeleton_weight,
+    )
 
 
 TRAINERS: dict[str, TrainerComponents] = {
@@ -76,7 +80,7 @@ def mip_trainer(settings: MipSettings, axes: tuple[int, ...] | None = None) -> T
         )
 
     def loss(plans: Plans, spec: DatasetSpec, config: TrainingConfig) -> LossFunction:
-        base = PartialDiceCELoss(ignore_label=spec.ignore_label, seed_weight=config.seed_weight)
+        base = _plain_loss(plans, spec, config)
         used = mip_axes_of(plans, spec) if axes is None else axes
         return MipProjectionLoss(base, used, settings, spec.ignore_label)
 
