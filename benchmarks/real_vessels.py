@@ -25,7 +25,9 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 
 with the ratio weak / dense. ``--models "noedge mip"`` adds the mip trainer on the calibrated labels
 without edge growth (``--edge-radius 0``); ``"skel mip"`` the mip trainer with the skeleton recall
-term (``--skeleton-weight 1``). No refined model: ``mipseg_refine`` needs out-of-fold
+term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it. Models that share a label
+set and trainer train into the same results folder one after the other; each is predicted before
+the next one replaces it. No refined model: ``mipseg_refine`` needs out-of-fold
 predictions of five fold models, and each volume gives one training case. Trainings are cached: a model whose
 ``trained_{id}_{model}`` marker exists is not trained again (delete the workdir to start over).
 Run one heavy process at a time on a shared machine::
@@ -138,6 +140,7 @@ MODELS = {  # name -> (label set, trainer, extra train flags)
     "bg0 mip": ("pseudo_bg0", "mip", []),  # calibrated rule with S_0 only below the background median
     "noedge mip": ("pseudo_noedge", "mip", []),  # calibrated rule without S_1's edge growth
     "skel mip": ("pseudo", "mip", ["--skeleton-weight", "1"]),  # + skeleton recall term
+    "dense skel": ("dense", "plain", ["--skeleton-weight", "1"]),
 }
 LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
     "pseudo": [],

@@ -162,6 +162,8 @@ def test_cli_reports_bad_input_in_one_line(data_roots) -> None:
     assert result.exit_code == 2 and "label set 'scribbles' not found" in result.output
     result = runner.invoke(app, ["-d", name, "-f", "0", "--dropout", "1.5", "--device", "cpu"])
     assert result.exit_code == 2 and "--dropout must be in [0, 1)" in result.output
+    result = runner.invoke(app, ["-d", name, "-f", "0", "--skeleton-weight", "-1", "--device", "cpu"])
+    assert result.exit_code == 2 and "--skeleton-weight must be >= 0, got -1.0" in result.output
 
 
 def test_ddp_with_two_gloo_processes_runs_one_epoch(data_roots) -> None:
