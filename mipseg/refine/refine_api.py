@@ -58,7 +58,7 @@ class RefineSettings:
     max_distance: float = refine.MAX_DISTANCE
     body_threshold: float = refine.BODY_THRESHOLD
     cl_method: str = "confident_joint"
-    trainer: str = "plain"
+    trainer: str = "auto"
     checkpoint: str = "final"
     seed: int = 0
 

@@ -110,7 +110,7 @@ def train_fold(
     fold: str | int,
     *,
     labels: str = "pseudo",
-    trainer: str = "plain",
+    trainer: str = "auto",
     config: TrainingConfig | None = None,
     resume: bool = False,
     init_from: str | Path | None = None,
