@@ -62,7 +62,7 @@ def propagate(
     ] = False,
     ignore_band: Annotated[
         int, typer.Option("--ignore-band", help="Pixels around propagated boundaries labelled ignore.")
-    ] = 1,
+    ] = 0,
     band_growth: Annotated[
         float,
         typer.Option(

@@ -213,7 +213,7 @@ def propagate_slices(
     *,
     rule: StopRule = StopRule(),
     verify: bool = True,
-    ignore_band: int = 1,
+    ignore_band: int = 0,
     ignore_slices: int = 1,
     band_growth: float = 0.0,
     fusion: str = "two_sided",

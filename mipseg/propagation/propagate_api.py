@@ -55,7 +55,7 @@ class PropagationSettings:
 
     method: str = "flow"
     verify: bool = True
-    ignore_band: int = 1
+    ignore_band: int = 0
     ignore_slices: int = 1
     band_growth: float = 0.0
     stop_rule: StopRule = StopRule()
