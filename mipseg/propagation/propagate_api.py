@@ -142,6 +142,17 @@ def fit_working_size(settings: FlowTrainingSettings, dataset: Dataset) -> FlowTr
     return replace(settings, network=replace(settings.network, working_size=size))
 
 
+def load_slice_dataset(dataset: str | int, purpose: str) -> Dataset:
+    """Load a dataset, refusing any whose ``dataset.json`` is not ``"annotation": "slice"``."""
+    loaded = load_dataset(dataset)
+    if loaded.spec.annotation != "slice":
+        raise InputError(
+            f"{loaded.folder / 'dataset.json'}: annotation is {loaded.spec.annotation!r}; "
+            f'{purpose} needs "annotation": "slice"'
+        )
+    return loaded
+
+
 def propagate_dataset(
     dataset: str | int,
     *,
@@ -172,12 +183,7 @@ def propagate_dataset(
     problems = settings.problems()
     if problems:
         raise InputError(problems)
-    loaded = load_dataset(dataset)
-    if loaded.spec.annotation != "slice":
-        raise InputError(
-            f"{loaded.folder / 'dataset.json'}: annotation is {loaded.spec.annotation!r}; "
-            'propagation needs "annotation": "slice"'
-        )
+    loaded = load_slice_dataset(dataset, "propagation")
     annotated = [case for case in loaded.cases if case.annotations]
     if not annotated:
         raise InputError(f"{loaded.folder / 'annotationsTr'}: no {{case}}_slice{{k}}.png annotation found")

@@ -21,7 +21,12 @@ from mipseg.dataset import Case, Dataset, load_dataset
 from mipseg.devices import resolve_device
 from mipseg.errors import InputError
 from mipseg.progress import progress_bar
-from mipseg.propagation.propagate_api import PropagationSettings, ensure_flow_model, propagate_case_drawings
+from mipseg.propagation.propagate_api import (
+    PropagationSettings,
+    ensure_flow_model,
+    load_slice_dataset,
+    propagate_case_drawings,
+)
 from mipseg.propagation.slice_selection import (
     CENTRAL_FRACTION,
     ct_slice_picture,
@@ -141,12 +146,7 @@ def suggest_next_slices(
     problems = settings.problems()
     if problems:
         raise InputError(problems)
-    loaded = load_dataset(dataset)
-    if loaded.spec.annotation != "slice":
-        raise InputError(
-            f"{loaded.folder / 'dataset.json'}: annotation is {loaded.spec.annotation!r}; "
-            'suggesting slices needs "annotation": "slice"'
-        )
+    loaded = load_slice_dataset(dataset, "suggesting slices")
     torch_device = resolve_device(device)
     model = None
     if settings.method == "flow" or not all(case.annotations for case in loaded.cases):
