@@ -10,7 +10,8 @@ runs with its commands in a work folder:
    K > 1 is one suggested slice, drawn, then ``--suggest-next K-1`` over its propagated extent;
 3. the simulated annotator draws the suggested slices (the dense truth on those slices, every
    organ on them); ``mipseg_propagate`` with ``--method flow`` and ``registration`` writes label
-   sets ``flow_K`` / ``registration_K``, whose Dice against the training truth is the *labels* line;
+   sets ``flow_K`` / ``registration_K``, whose Dice against the training truth is the *labels* line
+   (a second table gives it also with the unsure voxels left out, and their share);
 4. ``mipseg_train -f all`` on each label set and on the dense labels, with the same epochs and
    iterations; ``mipseg_predict`` on the test volumes, Dice per organ against their truth.
 
@@ -192,6 +193,39 @@ def labelset_scores(report: dict, classes: dict[str, int]) -> dict[str, float]:
     return scores
 
 
+def labelset_scores_without_unsure(labelset: Path, raw: Path, classes: dict[str, int]) -> dict[str, float]:
+    """The second reading of a label set: Dice only on the voxels it commits to (unsure left out).
+
+    ``labelset_scores`` judges the propagated masks themselves (the voxels that two-sided fusion
+    marks unsure count as labelled, as the union of both sides); here the label map as training
+    sees it is scored with its unsure (ignore) voxels left out of both the labels and the truth.
+    Returns the per-class and ``mean`` Dice (mean over cases, as the report), ``unsure_volume`` (share
+    of the volume marked unsure) and ``unsure_organ`` (unsure voxels over the organ voxels of truth
+    or labels), each a mean over cases.
+    """
+    from mipseg import io
+    from mipseg.labelset import agreement, mean_agreement
+
+    ignore = io.read_json(labelset / "labelset.json")["ignore"]
+    scored, unsure_volume, unsure_organ = [], [], []
+    for path in sorted(labelset.glob("*.nii.gz")):
+        labels, _ = io.read_image(path)
+        truth, _ = io.read_image(raw / "labelsTr" / path.name)
+        unsure = labels == ignore
+        organ = (truth != 0) | ((labels != 0) & ~unsure)
+        scored.append(agreement(labels, truth, classes, region=~unsure))
+        unsure_volume.append(float(unsure.mean()))
+        unsure_organ.append(float(unsure.sum() / max(int(organ.sum()), 1)))
+    means = mean_agreement(scored)
+    scores = {name: means[name]["dice"] for name in classes if means.get(name, {}).get("dice") is not None}
+    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
+    return {
+        **scores,
+        "unsure_volume": float(np.mean(unsure_volume)),
+        "unsure_organ": float(np.mean(unsure_organ)),
+    }
+
+
 # --- the pipeline of one source ------------------------------------------------------------------
 
 
@@ -266,6 +300,11 @@ def run_source(source: str, dataset_id: int, args) -> dict:
             seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
             report = io.read_json(paths.preprocessed_dataset_dir(d) / "labelsets" / name / "report.json")
             state.set(f"labels_{name}", {**labelset_scores(report, classes), "seconds": seconds})
+        for method in METHODS:  # also for label sets scored before this reading existed
+            name = f"{method}_{count}"
+            folder = paths.preprocessed_dataset_dir(d) / "labelsets" / name
+            if f"labels_sure_{name}" not in state and (folder / "labelset.json").exists():
+                state.set(f"labels_sure_{name}", labelset_scores_without_unsure(folder, raw, classes))
     truths = sorted((raw / "labelsTs").glob("*.nii.gz"))
     for labels in model_order(args.slices):
         if f"model_{labels}" in state or (args.models is not None and labels not in args.models):
@@ -320,6 +359,27 @@ def table(results: dict[str, dict], slices: list[int]) -> str:
                 lines.append(
                     f"{source:<18}{method:<14}{count:>7}{label:>13.3f}{model:>12.3f}"
                     f"{model / dense if dense > 0 else float('nan'):>13.3f}{model - label:>+14.3f}"
+                )
+    return "\n".join(lines)
+
+
+def reading_table(results: dict[str, dict], slices: list[int]) -> str:
+    """Labels Dice in two readings: unsure voxels counted as labelled (the main table) or left out."""
+    lines = [
+        f"{'source':<18}{'labels':<14}{'slices':>7}{'unsure in':>12}{'unsure out':>12}"
+        f"{'unsure/volume':>15}{'unsure/organ':>14}"
+    ]
+    for source, state in results.items():
+        for method in METHODS:
+            for count in slices:
+                name = f"{method}_{count}"
+                if f"labels_sure_{name}" not in state:
+                    continue
+                sure = state[f"labels_sure_{name}"]
+                lines.append(
+                    f"{source:<18}{method:<14}{count:>7}"
+                    f"{state.get(f'labels_{name}', {}).get('mean', float('nan')):>12.3f}{sure['mean']:>12.3f}"
+                    f"{sure['unsure_volume']:>15.2%}{sure['unsure_organ']:>14.1%}"
                 )
     return "\n".join(lines)
 
@@ -413,6 +473,7 @@ def main() -> None:
         print(table({source: results[source]}, args.slices), flush=True)
     (args.work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results, args.slices))
+    print(reading_table(results, args.slices))
     print(organ_table(results, args.slices))
     if args.plot:
         plot(results, args.slices, args.plot)
