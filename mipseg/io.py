@@ -14,7 +14,7 @@ import json
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,12 @@ def compound_suffix(path: str | Path) -> str:
     return Path(path).suffix
 
 
+def file_stem(path: str | Path) -> str:
+    """The file name without its :func:`compound_suffix`: ``case_1.nii.gz`` -> ``case_1``."""
+    name, ending = Path(path).name, compound_suffix(path)
+    return name[: len(name) - len(ending)] if ending else name
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
@@ -106,15 +112,40 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    ending = compound_suffix(path)
-    stem = path.name[: len(path.name) - len(ending)] if ending else path.name
-    tmp = path.with_name(f".{stem}.partial-{uuid.uuid4().hex[:8]}{ending}")
+    tmp = path.with_name(f".{file_stem(path)}.partial-{uuid.uuid4().hex[:8]}{compound_suffix(path)}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_partials(folder: str | Path, stems: Iterable[str]) -> int:
+    """Delete the temporary files a killed writer left in ``folder`` for files named ``stems``.
+
+    :func:`atomic_path` cleans up after exceptions and Ctrl-C, but not after SIGKILL or a power
+    cut: then ``.{stem}.partial-{id}{ending}`` stays. Callers pass the stems (file names without
+    their ending) of the files *they* are about to write, so a concurrent run writing other files
+    in the same folder (e.g. another ``--part`` of a prediction) keeps its temporaries.
+
+    Returns
+    -------
+    int
+        How many files were deleted.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    prefixes = tuple(f".{stem}.partial-" for stem in stems)
+    if not prefixes:
+        return 0
+    removed = 0
+    for path in folder.iterdir():
+        if path.is_file() and path.name.startswith(prefixes):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def read_image(path: str | Path, dtype: np.dtype | type | None = None) -> tuple[np.ndarray, Geometry]:

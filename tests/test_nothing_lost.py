@@ -254,6 +254,24 @@ def test_plan_killed_keeps_finished_cases_and_continue_completes(organs, data_ro
     assert not list((data.parent / "mips").glob("*.png"))  # organs drawn on a slice: no MIPs
 
 
+def test_plan_continue_removes_what_a_killed_writer_left(organs, data_roots) -> None:
+    # SIGKILL between a case's array and its properties leaves a temporary file (the timing-dependent
+    # kill above hits this only sometimes, so here the leftovers are made on purpose)
+    command = [str(BIN / "mipseg_plan"), "-d", organs, "-np", "1", "--device", "cpu"]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    dataset = next(data_roots["preprocessed"].glob("Dataset991_*"))
+    (dataset / "data" / "organs_001.json").unlink()  # that case counts as unfinished
+    planted = [
+        dataset / "data" / ".organs_001.partial-0000dead.json",
+        dataset / "data" / "labelsets" / "dense" / ".organs_001_locations.partial-0000dead.npz",
+        dataset / ".plans.partial-0000dead.json",
+    ]
+    for path in planted:
+        path.write_bytes(b"half")
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    assert (dataset / "data" / "organs_001.json").is_file() and _no_partials(dataset)
+
+
 PROPAGATE = ["--iters", "3", "--refine-iters", "10", "--coarse-iters", "5", "--device", "cpu"]
 
 

@@ -79,6 +79,23 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nii.gz"]
 
 
+def test_stale_partials_of_the_named_files_only_are_removed(tmp_path: Path) -> None:
+    # what SIGKILL leaves: atomic_path's temporary, named after the file it was writing
+    with pytest.raises(KeyboardInterrupt), io.atomic_path(tmp_path / "case_1.nii.gz") as tmp:
+        stale_name = tmp.name
+        raise KeyboardInterrupt
+    stale = tmp_path / stale_name
+    others = [tmp_path / ".case_10.partial-0000beef.nii.gz", tmp_path / ".case_1_x.partial-0000beef.json"]
+    for path in (stale, *others):
+        path.write_bytes(b"half")
+    (tmp_path / "case_1.nii.gz").write_bytes(b"done")
+    assert io.file_stem(tmp_path / "case_1.nii.gz") == "case_1" and stale_name.startswith(".case_1.partial-")
+    assert io.remove_stale_partials(tmp_path, ["case_1"]) == 1
+    assert not stale.exists() and all(path.exists() for path in others)  # another writer's files stay
+    assert (tmp_path / "case_1.nii.gz").read_bytes() == b"done"
+    assert io.remove_stale_partials(tmp_path / "missing", ["case_1"]) == 0
+
+
 def test_png_round_trip_and_rgb_reduction(tmp_path: Path) -> None:
     mask = np.zeros((4, 5), np.uint8)
     mask[1, 2] = 255

@@ -231,7 +231,10 @@ def analyze_folder(
     if Path(input_path).is_dir() and output_dir.resolve() == Path(input_path).resolve():
         raise InputError(f"{output_dir}: the output folder must differ from the input folder")
     output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(output_dir, [case_id for case_id, _ in cases])
+    io.remove_stale_partials(
+        output_dir,
+        [io.file_stem(path) for case_id, _ in cases for path in output_paths(output_dir, case_id).values()],
+    )
     todo = [(c, p) for c, p in cases if not (resume and case_is_done(output_dir, c, mesh))]
     tasks = [(str(p), str(output_dir), c, label, spur_factor, mesh, qc_axis) for c, p in todo]
     results = dict(
@@ -331,14 +334,6 @@ def _write_summary(
     with io.atomic_path(output_dir / SUMMARY_CSV_NAME) as tmp:
         tmp.write_text(buffer.getvalue())
     return summary
-
-
-def _remove_stale_partials(output_dir: Path, case_ids: list[str]) -> None:
-    """Delete temporary files a killed run of these cases left behind."""
-    prefixes = tuple(f".{case_id}" for case_id in case_ids)
-    for path in output_dir.iterdir():
-        if path.is_file() and path.name.startswith(prefixes) and ".partial-" in path.name:
-            path.unlink(missing_ok=True)
 
 
 def _rounded(value: Any) -> Any:

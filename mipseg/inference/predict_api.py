@@ -153,14 +153,6 @@ def _load_and_preprocess(case: InputCase, plans: Plans) -> tuple[np.ndarray, dic
     return data, properties
 
 
-def _remove_stale_partials(output_dir: Path, cases: Sequence[InputCase]) -> None:
-    """Delete temporary files a killed run of *these* cases left behind (other parts keep theirs)."""
-    prefixes = tuple(f".{case.case_id}.partial-" for case in cases)
-    for path in output_dir.iterdir():
-        if path.is_file() and path.name.startswith(prefixes):
-            path.unlink(missing_ok=True)
-
-
 @dataclass(frozen=True)
 class PredictionSettings:
     """Which model and how to predict; the defaults are ``mipseg_predict``'s.
@@ -328,7 +320,7 @@ def _predict(model_dirs: list[Path], run: _Run, num_parts: int, part_id: int) ->
     rules, min_component_size = _postprocessing(model_dirs, run.dataset, predictor, settings)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(output_dir, selected)
+    io.remove_stale_partials(output_dir, [case.case_id for case in selected])  # other parts keep theirs
     args = {
         "inputs": [str(p) for p in input_list],
         "dataset": None if run.dataset is None else str(run.dataset),

@@ -88,6 +88,7 @@ def _plan_and_preprocess(
 ) -> Plans:
     out = paths.preprocessed_root() / loaded.name
     out.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_partials(out, ("dataset", "fingerprint", "plans", "splits"))  # left by a killed run
     io.write_json(io.read_json(loaded.folder / "dataset.json"), out / "dataset.json")
 
     fingerprint_path = out / "fingerprint.json"

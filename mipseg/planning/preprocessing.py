@@ -298,6 +298,7 @@ def preprocess_dataset(dataset, plans: Plans, *, num_processes: int, resume: boo
         for case in dataset.cases
         if not (resume and _case_done(out / case.case_id))
     ]
+    io.remove_stale_partials(out, [Path(task[1]).name for task in tasks])  # left by a killed run
     map_with_progress(_preprocess_case_files, tasks, num_processes, "preprocessing")
     return [Path(task[1]).name for task in tasks]
 
@@ -365,6 +366,7 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
     if problems:
         raise InputError(problems)
     out.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_partials(out, [f"{Path(t[2]).name}{s}" for t in tasks for s in ("", "_locations")])
     spec = loaded.spec
     allowed = sorted(set(spec.class_labels.values()) | {spec.ignore_label})
     results = map_with_progress(
