@@ -325,9 +325,19 @@ class LabelSetWriter:
         order = list(case_order)
         self.cases = {case_id: self.cases[case_id] for case_id in order if case_id in self.cases}
         self.write()
+        self._remove_stale_partials(order)
         if self.target.staged:
             _swap_in(self.labelset)
         return self.labelset.report_path
+
+    def _remove_stale_partials(self, case_ids: list[str]) -> None:
+        """Temporaries a SIGKILLed earlier run left in the set (every file is written by now)."""
+        final, target = self.labelset.folder, self.target.folder
+        io.remove_stale_partials(target, [io.file_stem(DESCRIPTION_FILE), io.file_stem(REPORT_FILE)])
+        for case_id in case_ids:
+            for path in self.case_files(case_id):
+                relative = path.relative_to(final)
+                io.remove_stale_partials(target / relative.parent, [io.file_stem(path)])
 
     def write(self) -> Path:
         """Write ``report.json`` as it stands."""

@@ -290,6 +290,18 @@ def test_propagate_killed_over_a_finished_label_set_keeps_it(organs, data_roots,
     assert not staged.exists() and not labelset.with_name(".organs.old").exists()
 
 
+def test_propagate_continue_removes_what_a_killed_writer_left(organs, data_roots) -> None:
+    command = [str(BIN / "mipseg_propagate"), "-d", organs, "--name", "organs", "--method", "copy"]
+    subprocess.run([*command, *PROPAGATE], env=_env(), check=True, capture_output=True)
+    labelset = next(data_roots["preprocessed"].glob("Dataset991_*")) / "labelsets" / "organs"
+    (labelset / "organs_001.nii.gz").unlink()  # the case a kill interrupted while writing it
+    planted = [labelset / ".organs_001.partial-0000dead.nii.gz", labelset / ".report.partial-0000dead.json"]
+    for path in planted:
+        path.write_bytes(b"half")
+    subprocess.run([*command, *PROPAGATE, "--continue"], env=_env(), check=True, capture_output=True)
+    assert (labelset / "organs_001.nii.gz").is_file() and _no_partials(labelset)
+
+
 @SIGNALS
 def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots, sig) -> None:
     from test_refine import _train_two_folds
