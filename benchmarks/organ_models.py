@@ -185,12 +185,16 @@ def folder_scores(predictions: Path, truths: list[Path], classes: dict[str, int]
     return scores
 
 
-def labelset_scores(report: dict, classes: dict[str, int]) -> dict[str, float]:
-    """Mean agreement Dice of a propagated label set with the training truth, per class and ``mean``."""
-    means = report["summary"]["agreement_mean"]
+def agreement_dice(means: dict, classes: dict[str, int]) -> dict[str, float]:
+    """Per-class Dice of a :func:`~mipseg.labelset.mean_agreement` and their ``mean``."""
     scores = {name: means[name]["dice"] for name in classes if means.get(name, {}).get("dice") is not None}
     scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
     return scores
+
+
+def labelset_scores(report: dict, classes: dict[str, int]) -> dict[str, float]:
+    """Mean agreement Dice of a propagated label set with the training truth, per class and ``mean``."""
+    return agreement_dice(report["summary"]["agreement_mean"], classes)
 
 
 def labelset_scores_without_unsure(labelset: Path, raw: Path, classes: dict[str, int]) -> dict[str, float]:
@@ -216,11 +220,8 @@ def labelset_scores_without_unsure(labelset: Path, raw: Path, classes: dict[str,
         scored.append(agreement(labels, truth, classes, region=~unsure))
         unsure_volume.append(float(unsure.mean()))
         unsure_organ.append(float(unsure.sum() / max(int(organ.sum()), 1)))
-    means = mean_agreement(scored)
-    scores = {name: means[name]["dice"] for name in classes if means.get(name, {}).get("dice") is not None}
-    scores["mean"] = float(np.mean(list(scores.values()))) if scores else float("nan")
     return {
-        **scores,
+        **agreement_dice(mean_agreement(scored), classes),
         "unsure_volume": float(np.mean(unsure_volume)),
         "unsure_organ": float(np.mean(unsure_organ)),
     }
@@ -293,16 +294,14 @@ def run_source(source: str, dataset_id: int, args) -> dict:
             continue
         for method in METHODS:
             name = f"{method}_{count}"
-            if f"labels_{name}" in state:
-                continue
-            draw_suggested(raw, *drawing_files(count))  # the drawings of this count
-            command = ["mipseg_propagate", "-d", d, "--method", method, "--name", name, *flow]
-            seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
-            report = io.read_json(paths.preprocessed_dataset_dir(d) / "labelsets" / name / "report.json")
-            state.set(f"labels_{name}", {**labelset_scores(report, classes), "seconds": seconds})
-        for method in METHODS:  # also for label sets scored before this reading existed
-            name = f"{method}_{count}"
             folder = paths.preprocessed_dataset_dir(d) / "labelsets" / name
+            if f"labels_{name}" not in state:
+                draw_suggested(raw, *drawing_files(count))  # the drawings of this count
+                command = ["mipseg_propagate", "-d", d, "--method", method, "--name", name, *flow]
+                seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
+                report = io.read_json(folder / "report.json")
+                state.set(f"labels_{name}", {**labelset_scores(report, classes), "seconds": seconds})
+            # also for label sets scored before this reading existed (their folder is still there)
             if f"labels_sure_{name}" not in state and (folder / "labelset.json").exists():
                 state.set(f"labels_sure_{name}", labelset_scores_without_unsure(folder, raw, classes))
     truths = sorted((raw / "labelsTs").glob("*.nii.gz"))

@@ -333,11 +333,12 @@ class LabelSetWriter:
     def _remove_stale_partials(self, case_ids: list[str]) -> None:
         """Temporaries a SIGKILLed earlier run left in the set (every file is written by now)."""
         final, target = self.labelset.folder, self.target.folder
-        io.remove_stale_partials(target, [io.file_stem(DESCRIPTION_FILE), io.file_stem(REPORT_FILE)])
+        stems: dict[Path, list[str]] = {target: [io.file_stem(DESCRIPTION_FILE), io.file_stem(REPORT_FILE)]}
         for case_id in case_ids:
-            for path in self.case_files(case_id):
-                relative = path.relative_to(final)
-                io.remove_stale_partials(target / relative.parent, [io.file_stem(path)])
+            for path in self.case_files(case_id):  # named in the final folder, written in the target
+                stems.setdefault(target / path.relative_to(final).parent, []).append(io.file_stem(path))
+        for folder, names in stems.items():  # one listing per folder, not one per file
+            io.remove_stale_partials(folder, names)
 
     def write(self) -> Path:
         """Write ``report.json`` as it stands."""

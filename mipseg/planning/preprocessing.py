@@ -366,7 +366,8 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
     if problems:
         raise InputError(problems)
     out.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_partials(out, [f"{Path(t[2]).name}{s}" for t in tasks for s in ("", "_locations")])
+    case_stems = [Path(task[2]).name for task in tasks]  # {case}.npy and {case}_locations.npz
+    io.remove_stale_partials(out, [*case_stems, *(f"{stem}_locations" for stem in case_stems)])
     spec = loaded.spec
     allowed = sorted(set(spec.class_labels.values()) | {spec.ignore_label})
     results = map_with_progress(
