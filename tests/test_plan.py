@@ -338,3 +338,20 @@ def test_dense_dataset_fingerprint_uses_labels(data_roots):
     assert min(v.min() for v in values) <= pooled["percentile_00_5"] <= pooled["percentile_99_5"]
     assert pooled["max"] <= max(v.max() for v in values)
     assert (data_roots["preprocessed"] / "Dataset907_Tiny/mips/case00_mip2.png").is_file()  # review: all axes
+
+
+def test_continue_removes_mip_temporaries_a_killed_run_left(data_roots):
+    from mipseg.planning.plan_api import plan_and_preprocess
+
+    write_dataset(data_roots["raw"], 908, (1.0, 1.0, 1.0), num_cases=2)
+    plan_and_preprocess(908, num_processes=1, device="cpu", preprocess=False)
+    mips = data_roots["preprocessed"] / "Dataset908_Tiny" / "mips"
+    (mips / "case01_mips.png").unlink()  # a kill before the side-by-side: case01 counts as unfinished
+    planted = [mips / ".case01_mips.partial-0000dead.png", mips / ".case01_mip0_depth.partial-0000dead.npy"]
+    for path in planted:
+        path.write_bytes(b"half")
+    unrelated = mips / ".notes.partial-0000dead.txt"  # not a file mipseg_plan writes: kept
+    unrelated.write_bytes(b"mine")
+    plan_and_preprocess(908, num_processes=1, device="cpu", preprocess=False, resume=True)
+    assert (mips / "case01_mips.png").is_file()
+    assert not any(path.exists() for path in planted) and unrelated.is_file()

@@ -79,6 +79,17 @@ def to_physical_aspect(image: np.ndarray, spacing_rows_cols, finest: float) -> n
     return np.round(stretched).astype(np.uint8)
 
 
+def case_mip_stems(case_id: str, axes: list[int]) -> list[str]:
+    """Stems (names without ending) of the files :func:`write_case_mips` writes for one case.
+
+    Per axis ``a``: ``{case}_mip{a}`` (PNG) and ``{case}_mip{a}_depth`` (npy); then ``{case}_mips``,
+    the side-by-side review PNG, last. The one list of these names, so that a resumed run can
+    remove exactly the temporaries a killed one left.
+    """
+    per_axis = [stem for axis in axes for stem in (f"{case_id}_mip{axis}", f"{case_id}_mip{axis}_depth")]
+    return [*per_axis, f"{case_id}_mips"]
+
+
 def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, spacing_zyx=None) -> list:
     """Write what the annotator draws on, for one case, in the raw voxel grid.
 
@@ -98,6 +109,7 @@ def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, 
     from mipseg import io
 
     out_dir = Path(out_dir)
+    stems = iter(case_mip_stems(case_id, axes))
     written, pngs = [], []
     for axis in axes:
         mip, depth = maximum_intensity_projection(volume, axis)
@@ -107,7 +119,7 @@ def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, 
         else:
             remaining = [float(s) for i, s in enumerate(spacing_zyx) if i != axis]
             pngs.append(to_physical_aspect(png, remaining, min(spacing_zyx)))
-        written.append(io.write_png(png, out_dir / f"{case_id}_mip{axis}.png"))
-        written.append(io.save_npy(depth, out_dir / f"{case_id}_mip{axis}_depth.npy"))
-    written.append(io.write_png(side_by_side(pngs), out_dir / f"{case_id}_mips.png"))
+        written.append(io.write_png(png, out_dir / f"{next(stems)}.png"))
+        written.append(io.save_npy(depth, out_dir / f"{next(stems)}.npy"))
+    written.append(io.write_png(side_by_side(pngs), out_dir / f"{next(stems)}.png"))
     return written

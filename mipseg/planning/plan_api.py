@@ -17,7 +17,7 @@ from mipseg import io, paths
 from mipseg.errors import InputError
 from mipseg.labelset import LabelSet
 from mipseg.planning.fingerprint import extract_fingerprint
-from mipseg.planning.mip import write_case_mips
+from mipseg.planning.mip import case_mip_stems, write_case_mips
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress, shared_workers
 from mipseg.planning.planner import CPU_BUDGET, Budget, gpu_budget, plan_experiment
 from mipseg.planning.plans import Plans, load_plans
@@ -138,6 +138,10 @@ def write_mips(loaded, plans: Plans, out_dir: Path, *, num_processes: int, resum
     if loaded.spec.annotation == "slice":
         return
     axes = plans.mip_axes or [0, 1, 2]
+    # left by a killed run: a case without its side-by-side PNG is written again, whole
+    io.remove_stale_partials(
+        out_dir, [stem for case in loaded.cases for stem in case_mip_stems(case.case_id, axes)]
+    )
     tasks = [
         (str(case.images[0]), axes, str(out_dir), case.case_id)
         for case in loaded.cases
