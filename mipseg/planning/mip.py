@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -79,15 +81,20 @@ def to_physical_aspect(image: np.ndarray, spacing_rows_cols, finest: float) -> n
     return np.round(stretched).astype(np.uint8)
 
 
-def case_mip_stems(case_id: str, axes: list[int]) -> list[str]:
-    """Stems (names without ending) of the files :func:`write_case_mips` writes for one case.
+def case_mip_paths(out_dir: str | Path, case_id: str, axes: list[int]) -> dict[str, Path]:
+    """The files :func:`write_case_mips` writes for one case, by name.
 
-    Per axis ``a``: ``{case}_mip{a}`` (PNG) and ``{case}_mip{a}_depth`` (npy); then ``{case}_mips``,
-    the side-by-side review PNG, last. The one list of these names, so that a resumed run can
-    remove exactly the temporaries a killed one left.
+    Per axis ``a``: ``mip{a}`` (``{case}_mip{a}.png``) and ``mip{a}_depth`` (``{case}_mip{a}_depth.npy``);
+    ``mips``: ``{case}_mips.png``, the side-by-side review PNG. The one place these names are made,
+    so that a resumed run can remove exactly the temporaries a killed one left.
     """
-    per_axis = [stem for axis in axes for stem in (f"{case_id}_mip{axis}", f"{case_id}_mip{axis}_depth")]
-    return [*per_axis, f"{case_id}_mips"]
+    out_dir = Path(out_dir)
+    files = {}
+    for axis in axes:
+        files[f"mip{axis}"] = out_dir / f"{case_id}_mip{axis}.png"
+        files[f"mip{axis}_depth"] = out_dir / f"{case_id}_mip{axis}_depth.npy"
+    files["mips"] = out_dir / f"{case_id}_mips.png"
+    return files
 
 
 def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, spacing_zyx=None) -> list:
@@ -104,12 +111,9 @@ def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, 
     spacing_zyx : optional
         Voxel spacing; the side-by-side review PNG (only) is stretched to square millimetres.
     """
-    from pathlib import Path
-
     from mipseg import io
 
-    out_dir = Path(out_dir)
-    stems = iter(case_mip_stems(case_id, axes))
+    files = case_mip_paths(out_dir, case_id, axes)
     written, pngs = [], []
     for axis in axes:
         mip, depth = maximum_intensity_projection(volume, axis)
@@ -119,7 +123,7 @@ def write_case_mips(volume: np.ndarray, axes: list[int], out_dir, case_id: str, 
         else:
             remaining = [float(s) for i, s in enumerate(spacing_zyx) if i != axis]
             pngs.append(to_physical_aspect(png, remaining, min(spacing_zyx)))
-        written.append(io.write_png(png, out_dir / f"{next(stems)}.png"))
-        written.append(io.save_npy(depth, out_dir / f"{next(stems)}.npy"))
-    written.append(io.write_png(side_by_side(pngs), out_dir / f"{next(stems)}.png"))
+        written.append(io.write_png(png, files[f"mip{axis}"]))
+        written.append(io.save_npy(depth, files[f"mip{axis}_depth"]))
+    written.append(io.write_png(side_by_side(pngs), files["mips"]))
     return written

@@ -17,7 +17,7 @@ from mipseg import io, paths
 from mipseg.errors import InputError
 from mipseg.labelset import LabelSet
 from mipseg.planning.fingerprint import extract_fingerprint
-from mipseg.planning.mip import case_mip_stems, write_case_mips
+from mipseg.planning.mip import case_mip_paths, write_case_mips
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress, shared_workers
 from mipseg.planning.planner import CPU_BUDGET, Budget, gpu_budget, plan_experiment
 from mipseg.planning.plans import Plans, load_plans
@@ -88,24 +88,27 @@ def _plan_and_preprocess(
 ) -> Plans:
     out = paths.preprocessed_root() / loaded.name
     out.mkdir(parents=True, exist_ok=True)
-    io.remove_stale_partials(out, ("dataset", "fingerprint", "plans", "splits"))  # left by a killed run
-    io.write_json(io.read_json(loaded.folder / "dataset.json"), out / "dataset.json")
+    dataset_path, fingerprint_path, plans_path, splits_path = (
+        out / f"{name}.json" for name in ("dataset", "fingerprint", "plans", "splits")
+    )
+    io.remove_stale_partials(  # left by a killed run
+        out, [io.file_stem(path) for path in (dataset_path, fingerprint_path, plans_path, splits_path)]
+    )
+    io.write_json(io.read_json(loaded.folder / "dataset.json"), dataset_path)
 
-    fingerprint_path = out / "fingerprint.json"
     if resume and fingerprint_path.is_file():
         fingerprint = io.read_json(fingerprint_path)
     else:
         fingerprint = extract_fingerprint(loaded, num_processes=num_processes, foreground=foreground)
         io.write_json(fingerprint, fingerprint_path)
 
-    plans_path = out / "plans.json"
     if resume and plans_path.is_file():
         plans = load_plans(plans_path)  # the data already written was made with these plans
     else:
         plans = plan_experiment(fingerprint, loaded.spec, loaded.name, budget)
         plans.save(plans_path)
 
-    write_splits(loaded.case_ids, out / "splits.json")
+    write_splits(loaded.case_ids, splits_path)
     write_mips(loaded, plans, out / "mips", num_processes=num_processes, resume=resume)
     if preprocess:
         preprocess_dataset(loaded, plans, num_processes=num_processes, resume=resume)
@@ -140,7 +143,12 @@ def write_mips(loaded, plans: Plans, out_dir: Path, *, num_processes: int, resum
     axes = plans.mip_axes or [0, 1, 2]
     # left by a killed run: a case without its side-by-side PNG is written again, whole
     io.remove_stale_partials(
-        out_dir, [stem for case in loaded.cases for stem in case_mip_stems(case.case_id, axes)]
+        out_dir,
+        [
+            io.file_stem(path)
+            for case in loaded.cases
+            for path in case_mip_paths(out_dir, case.case_id, axes).values()
+        ],
     )
     tasks = [
         (str(case.images[0]), axes, str(out_dir), case.case_id)

@@ -298,9 +298,10 @@ def preprocess_dataset(dataset, plans: Plans, *, num_processes: int, resume: boo
         for case in dataset.cases
         if not (resume and _case_done(out / case.case_id))
     ]
-    io.remove_stale_partials(out, [Path(task[1]).name for task in tasks])  # left by a killed run
+    case_ids = [Path(task[1]).name for task in tasks]  # {case}.npy and {case}.json
+    io.remove_stale_partials(out, case_ids)  # left by a killed run
     map_with_progress(_preprocess_case_files, tasks, num_processes, "preprocessing")
-    return [Path(task[1]).name for task in tasks]
+    return case_ids
 
 
 def _case_done(stem: Path) -> bool:
@@ -366,8 +367,9 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
     if problems:
         raise InputError(problems)
     out.mkdir(parents=True, exist_ok=True)
-    case_stems = [Path(task[2]).name for task in tasks]  # {case}.npy and {case}_locations.npz
-    io.remove_stale_partials(out, [*case_stems, *(f"{stem}_locations" for stem in case_stems)])
+    io.remove_stale_partials(  # left by a killed run
+        out, [io.file_stem(path) for task in tasks for path in preprocessed_label_files(task[2])]
+    )
     spec = loaded.spec
     allowed = sorted(set(spec.class_labels.values()) | {spec.ignore_label})
     results = map_with_progress(
@@ -407,7 +409,13 @@ def _preprocess_label_file(
         ]
     seg = preprocess_label(label, properties, Plans.from_json(plans_json))
     locations = sample_class_locations(seg, foreground_labels, ignore_label)
-    with io.atomic_path(stem + "_locations.npz") as tmp:
+    seg_path, locations_path = preprocessed_label_files(stem)
+    with io.atomic_path(locations_path) as tmp:
         np.savez(tmp, **locations)
-    io.save_npy(seg, stem + ".npy")
+    io.save_npy(seg, seg_path)
     return []
+
+
+def preprocessed_label_files(stem: str | Path) -> tuple[Path, Path]:
+    """A case's preprocessed label map ``{stem}.npy`` and its class locations ``{stem}_locations.npz``."""
+    return Path(f"{stem}.npy"), Path(f"{stem}_locations.npz")
