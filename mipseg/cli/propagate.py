@@ -29,13 +29,13 @@ def propagate(
         ),
     ] = 0,
     suggest_next: Annotated[
-        int,
+        int | None,
         typer.Option(
             "--suggest-next",
             help="Only suggest N more slices per case, spread over the extent its drawn slices propagate "
             "to (with the propagation flags given); cases without drawings get the --suggest choice.",
         ),
-    ] = 0,
+    ] = None,
     method: Annotated[
         str, typer.Option("--method", help="Mask transport: flow, registration or copy.")
     ] = "flow",
@@ -124,7 +124,7 @@ def propagate(
 
     with reported_errors(debug):
         flow_settings = FlowTrainingSettings(iterations=iterations, similarity=similarity, seed=seed)
-        if suggest and suggest_next:
+        if suggest and suggest_next is not None:
             raise InputError(["--suggest and --suggest-next exclude each other: give one"])
         if suggest:
             path = suggest_slices(dataset, flow_settings, count=suggest, resume=resume, device=device)
@@ -146,7 +146,9 @@ def propagate(
             symmetric_flows=not no_symmetric_flows,
             fusion=fusion,
         )
-        if suggest_next:
+        # An explicit --suggest-next 0 is refused by suggest_next_slices, rather than read as "propagate",
+        # which would write (or replace) a label set the user did not ask for.
+        if suggest_next is not None:
             path = suggest_next_slices(
                 dataset,
                 suggest_next,
