@@ -27,9 +27,11 @@ with the ratio weak / dense. ``--models "noedge mip"`` adds the mip trainer on t
 without edge growth (``--edge-radius 0``); ``"skel mip"`` the mip trainer with the skeleton recall
 term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it. Models that share a label
 set and trainer train into the same results folder one after the other; each is predicted before
-the next one replaces it. No refined model: ``mipseg_refine`` needs out-of-fold
-predictions of five fold models, and each volume gives one training case. Trainings are cached: a model whose
-``trained_{id}_{model}`` marker exists is not trained again (delete the workdir to start over).
+the next one replaces it. Models are predicted without mirroring; ``--tta`` adds a row per model
+predicted with it, as ``mipseg_predict`` does by default. No refined model: ``mipseg_refine`` needs
+out-of-fold predictions of five fold models, and each volume gives one training case. Trainings are
+cached: a model whose ``trained_{id}_{model}`` marker exists is not trained again (delete the workdir
+to start over).
 Run one heavy process at a time on a shared machine::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/real_vessels.py --epochs 20 --iters-per-epoch 25
@@ -165,6 +167,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--iters-per-epoch", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tta",
+        action="store_true",
+        help="also predict every model with mirroring (mipseg_predict's default) and print those rows",
+    )
     args = parser.parse_args()
 
     work = args.workdir.resolve()
@@ -224,14 +231,18 @@ def main() -> None:
                              "--val-iters", "2", "--device", "cpu", "--seed", str(args.seed), *extra],
                             env, "real_vessels")  # fmt: skip
                 (work / f"trained_{d}_{tag}").write_text(f"{time.time() - start:.0f}")
-            output = work / f"predictions_{d}_{tag}"
-            if not (output / f"{name}.nii.gz").is_file():
-                run_command(["mipseg_predict", "-i", str(folder / "imagesTs"), "-o", str(output), "-d", d,
-                             "-f", "all", "--labels", labels, "--trainer", trainer, "--device", "cpu",
-                             "--disable-tta"], env, "real_vessels")  # fmt: skip
-            prediction = io.read_image(output / f"{name}.nii.gz")[0] > 0
-            rows[f"model {model}"] = scores(truth, prediction)
-            rows[f"model {model}"]["train_s"] = float((work / f"trained_{d}_{tag}").read_text())
+            # without mirroring (the tables before 2026-12-07), and with it when --tta asks: the reading a
+            # user gets from mipseg_predict's defaults
+            for mirrored in (False, True) if args.tta else (False,):
+                output = work / f"predictions_{d}_{tag}{'_tta' if mirrored else ''}"
+                if not (output / f"{name}.nii.gz").is_file():
+                    run_command(["mipseg_predict", "-i", str(folder / "imagesTs"), "-o", str(output), "-d", d,
+                                 "-f", "all", "--labels", labels, "--trainer", trainer, "--device", "cpu",
+                                 *([] if mirrored else ["--disable-tta"])], env, "real_vessels")  # fmt: skip
+                prediction = io.read_image(output / f"{name}.nii.gz")[0] > 0
+                row = f"model {model}{' (mirroring TTA)' if mirrored else ''}"
+                rows[row] = scores(truth, prediction)
+                rows[row]["train_s"] = float((work / f"trained_{d}_{tag}").read_text())
         results[name] = rows
         print_table(name, rows)
     (work / "real_vessels.json").write_text(json.dumps(results, indent=2))
@@ -239,12 +250,17 @@ def main() -> None:
 
 
 def print_table(name: str, rows: dict[str, dict[str, float]]) -> None:
-    """Markdown table of one volume, with the ratio weak / dense of every model row."""
-    dense = rows.get("model dense", {}).get("dice", float("nan"))
+    """Markdown table of one volume, with the ratio weak / dense of every model row.
+
+    A row predicted with mirroring is divided by the dense model predicted with mirroring, the others
+    by the dense model without it.
+    """
     print(f"\n{name}: test sub-volume (pseudo-labels: training sub-volume)\n")
     print("| method | Dice | clDice | recall | Dice / dense |")
     print("|---|---|---|---|---|")
     for method, row in rows.items():
+        reference = "model dense (mirroring TTA)" if method.endswith("(mirroring TTA)") else "model dense"
+        dense = rows.get(reference, {}).get("dice", float("nan"))
         print(
             f"| {method} | {row['dice']:.3f} | {row['cldice']:.3f} | {row['recall']:.3f} | "
             f"{row['dice'] / dense:.2f} |"
