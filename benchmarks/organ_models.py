@@ -23,7 +23,8 @@ in-plane by ``--real-zoom`` (0.5: 6 mm pixels) to fit the CPU budget. Training a
 use different random draws, so "unseen" means unseen crops and deformations of the same
 patient, not unseen patients; the truth is TotalSegmentator's prediction, not manual.
 
-Everything is cached under ``--work`` (default ``/tmp/i22/organ_models``): a rerun skips the
+``--jobs N`` trains N of the models at once, each with ``OMP_NUM_THREADS`` (or the core count)
+divided by N threads. Everything is cached under ``--work`` (default ``/tmp/i22/organ_models``): a rerun skips the
 finished steps (``state.json`` per source) and resumes where it stopped. Prints the table and
 writes ``results.json`` and the plot (``--plot``).
 
@@ -38,6 +39,8 @@ import json
 import os
 import shutil
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -305,16 +308,39 @@ def run_source(source: str, dataset_id: int, args) -> dict:
             if f"labels_sure_{name}" not in state and (folder / "labelset.json").exists():
                 state.set(f"labels_sure_{name}", labelset_scores_without_unsure(folder, raw, classes))
     truths = sorted((raw / "labelsTs").glob("*.nii.gz"))
-    for labels in model_order(args.slices):
-        if f"model_{labels}" in state or (args.models is not None and labels not in args.models):
-            continue
+    todo = [
+        labels
+        for labels in model_order(args.slices)
+        if f"model_{labels}" not in state and (args.models is None or labels in args.models)
+    ]
+    # Each model trains into its own results folder and predicts into its own output, so --jobs
+    # models can run side by side; only state.json is shared, and it is written under a lock.
+    model_env = {**env, "OMP_NUM_THREADS": str(threads_per_job(args.jobs))} if args.jobs > 1 else env
+    lock = threading.Lock()
+
+    def train_one(labels: str) -> None:
         output = work / "predictions" / labels
-        seconds = train_and_predict(d, labels, args.seed, raw, output, env, args)
+        seconds = train_and_predict(d, labels, args.seed, raw, output, model_env, args)
         scores = folder_scores(output, truths, classes)
-        state.set(
-            f"model_{labels}", {**scores, "train_seconds": seconds, "iterations": args.epochs * args.iters}
-        )
+        with lock:
+            state.set(
+                f"model_{labels}",
+                {**scores, "train_seconds": seconds, "iterations": args.epochs * args.iters},
+            )
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for finished in [pool.submit(train_one, labels) for labels in todo]:
+            finished.result()  # re-raises a failed command's SystemExit here
     return state.data
+
+
+def threads_per_job(jobs: int) -> int:
+    """Threads of each of ``jobs`` trainings running at once: the CPU cores shared out, at least one.
+
+    ``OMP_NUM_THREADS``, when set, is taken as the whole budget instead of the core count.
+    """
+    budget = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return max(1, budget // jobs)
 
 
 def train_and_predict(d: str, labels: str, seed: int, raw: Path, output: Path, env: dict, args) -> float:
@@ -458,12 +484,21 @@ def main() -> None:
         "(next); use another --work per mode.",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Models trained at once, each with an equal share of the cores (OMP_NUM_THREADS, or all "
+        "of them when it is not set).",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/i22/organ_models"))
     parser.add_argument(
         "--shared", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     )
     parser.add_argument("--plot", type=Path)
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs {args.jobs}: need at least 1")
     args.work = args.work.resolve()
     args.shared = args.shared.resolve()
     results = {}
