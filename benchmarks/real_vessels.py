@@ -25,7 +25,8 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 
 with the ratio weak / dense. ``--models "noedge mip"`` adds the mip trainer on the calibrated labels
 without edge growth (``--edge-radius 0``); ``"skel mip"`` the mip trainer with the skeleton recall
-term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it. Models that share a label
+term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it, ``"max mip"`` the mip trainer
+with ``--mip-projection max``. Models that share a label
 set and trainer train into the same results folder one after the other; each is predicted before
 the next one replaces it. Models are predicted without mirroring; ``--tta`` adds a row per model
 predicted with it, as ``mipseg_predict`` does by default. No refined model: ``mipseg_refine`` needs
@@ -142,6 +143,7 @@ MODELS = {  # name -> (label set, trainer, extra train flags)
     "bg0 mip": ("pseudo_bg0", "mip", []),  # calibrated rule with S_0 only below the background median
     "noedge mip": ("pseudo_noedge", "mip", []),  # calibrated rule without S_1's edge growth
     "skel mip": ("pseudo", "mip", ["--skeleton-weight", "1"]),  # + skeleton recall term
+    "max mip": ("pseudo", "mip", ["--mip-projection", "max"]),  # L_3D-MIP on the max along each ray
     "dense skel": ("dense", "plain", ["--skeleton-weight", "1"]),
 }
 LABEL_SETS = {  # label set -> mipseg_pseudolabel flags
