@@ -25,8 +25,8 @@ patient, not unseen patients; the truth is TotalSegmentator's prediction, not ma
 
 ``--jobs N`` trains N of the models at once, each with ``OMP_NUM_THREADS`` (or the core count)
 divided by N threads. Everything is cached under ``--work`` (default ``/tmp/i22/organ_models``): a
-rerun skips the finished steps (``state.json`` per source) and resumes where it stopped. Prints the table and
-writes ``results.json`` and the plot (``--plot``).
+rerun skips the finished steps (``state.json`` per source) and resumes where it stopped. Prints the
+table and writes ``results.json`` and the plot (``--plot``).
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/organ_models.py \\
         --epochs 8 --iters 15 --plot documentation/images/organ_models.png

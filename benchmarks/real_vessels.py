@@ -25,14 +25,13 @@ and the script prints, on the held-out test sub-volume, Dice, clDice and recall 
 
 with the ratio weak / dense. ``--models "noedge mip"`` adds the mip trainer on the calibrated labels
 without edge growth (``--edge-radius 0``); ``"skel mip"`` the mip trainer with the skeleton recall
-term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it, ``"max mip"`` the mip trainer
-with ``--mip-projection max``. Models that share a label
-set and trainer train into the same results folder one after the other; each is predicted before
-the next one replaces it. Models are predicted without mirroring; ``--tta`` adds a row per model
-predicted with it, as ``mipseg_predict`` does by default. No refined model: ``mipseg_refine`` needs
-out-of-fold predictions of five fold models, and each volume gives one training case. Trainings are
-cached: a model whose ``trained_{id}_{model}`` marker exists is not trained again (delete the workdir
-to start over).
+term (``--skeleton-weight 1``), ``"dense skel"`` the dense model with it, ``"max mip"`` the mip
+trainer with ``--mip-projection max``. Models that share a label set and trainer train into the same
+results folder one after the other; each is predicted before the next one replaces it. Models are
+predicted without mirroring; ``--tta`` adds a row per model predicted with it, as ``mipseg_predict``
+does by default. No refined model: ``mipseg_refine`` needs out-of-fold predictions of five fold
+models, and each volume gives one training case. Trainings are cached: a model whose
+``trained_{id}_{model}`` marker exists is not trained again (delete the workdir to start over).
 Run one heavy process at a time on a shared machine::
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/real_vessels.py --epochs 20 --iters-per-epoch 25
@@ -233,6 +232,7 @@ def main() -> None:
                              "--val-iters", "2", "--device", "cpu", "--seed", str(args.seed), *extra],
                             env, "real_vessels")  # fmt: skip
                 (work / f"trained_{d}_{tag}").write_text(f"{time.time() - start:.0f}")
+            train_seconds = float((work / f"trained_{d}_{tag}").read_text())
             # without mirroring (the tables before 2026-12-07), and with it when --tta asks: the reading a
             # user gets from mipseg_predict's defaults
             for mirrored in (False, True) if args.tta else (False,):
@@ -244,7 +244,7 @@ def main() -> None:
                 prediction = io.read_image(output / f"{name}.nii.gz")[0] > 0
                 row = f"model {model}{' (mirroring TTA)' if mirrored else ''}"
                 rows[row] = scores(truth, prediction)
-                rows[row]["train_s"] = float((work / f"trained_{d}_{tag}").read_text())
+                rows[row]["train_s"] = train_seconds
         results[name] = rows
         print_table(name, rows)
     (work / "real_vessels.json").write_text(json.dumps(results, indent=2))

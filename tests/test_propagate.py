@@ -551,15 +551,11 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
     assert bad.exit_code == 2 and "--reference-spacing -1.0" in bad.output
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--suggest", "2", "--suggest-next", "2"])
     assert bad.exit_code == 2 and "exclude each other" in bad.output
-    labelsets = sorted(
-        p.name for p in (paths.preprocessed_dataset_dir(organ_dataset) / "labelsets").iterdir()
-    )
+    labelsets = paths.preprocessed_dataset_dir(organ_dataset) / "labelsets"
+    before = sorted(p.name for p in labelsets.iterdir())
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--suggest-next", "0", "--name", "not_asked_for"])
     assert bad.exit_code == 2 and "--suggest-next 0" in bad.output, bad.output
-    assert (
-        sorted(p.name for p in (paths.preprocessed_dataset_dir(organ_dataset) / "labelsets").iterdir())
-        == labelsets
-    )
+    assert sorted(p.name for p in labelsets.iterdir()) == before
     nxt = runner.invoke(app, ["-d", str(organ_dataset), "--suggest-next", "1", "--method", "copy"])
     assert nxt.exit_code == 0 and "suggestions written to" in nxt.output, nxt.output
     entry = io.read_json(paths.preprocessed_dataset_dir(organ_dataset) / "suggested_slices.json")["cases"]

@@ -88,12 +88,9 @@ def _plan_and_preprocess(
 ) -> Plans:
     out = paths.preprocessed_root() / loaded.name
     out.mkdir(parents=True, exist_ok=True)
-    dataset_path, fingerprint_path, plans_path, splits_path = (
-        out / f"{name}.json" for name in ("dataset", "fingerprint", "plans", "splits")
-    )
-    io.remove_stale_partials(  # left by a killed run
-        out, [io.file_stem(path) for path in (dataset_path, fingerprint_path, plans_path, splits_path)]
-    )
+    top_level = [out / f"{name}.json" for name in ("dataset", "fingerprint", "plans", "splits")]
+    dataset_path, fingerprint_path, plans_path, splits_path = top_level
+    io.remove_stale_partials(out, [io.file_stem(path) for path in top_level])  # left by a killed run
     io.write_json(io.read_json(loaded.folder / "dataset.json"), dataset_path)
 
     if resume and fingerprint_path.is_file():
