@@ -22,7 +22,9 @@ and whatever the producer adds. ``report.json``::
 
 ``counts`` are the producer's voxel counts (nested dicts of integers, summed in ``summary.counts``);
 ``agreement`` is present only for cases with dense truth (``labelsTr``), per class ``voxels``,
-``precision``, ``recall``, ``dice`` and, for foreground classes, ``background_error``. Undefined ratios
+``precision``, ``recall``, ``dice`` and, for foreground classes, ``background_error``. A case's optional
+``undrawn_classes`` (list of class values) says its background may hold those classes, drawn nowhere
+in it (:meth:`LabelSet.undrawn_classes`). Undefined ratios
 are ``null`` and left out of the means. Shared layer: stages import it; it imports no stage.
 """
 
@@ -140,6 +142,22 @@ class LabelSet:
         if value is None:
             raise ValueError(f"{self.report_path}: holds no agreement with dense truth")
         return float(value)
+
+    def undrawn_classes(self) -> dict[str, tuple[int, ...]]:
+        """Per case, the class values nobody drew in it (report ``cases[case].undrawn_classes``).
+
+        The case's background may hold those classes (a propagated set whose drawn slices miss an
+        organ); the trainer's marginal loss reads it so. Cases without the field, and label sets
+        without a report (``dense``), have none.
+        """
+        if not self.report_path.is_file():
+            return {}
+        cases = self.read_report().get("cases", {})
+        return {
+            case_id: tuple(int(v) for v in entry.get("undrawn_classes", ()))
+            for case_id, entry in cases.items()
+            if entry.get("undrawn_classes")
+        }
 
     def drop_preprocessed_copy(self, case_id: str) -> None:
         """Delete a case's files in :attr:`preprocessed_folder`: stale once its label map is rewritten.

@@ -150,3 +150,59 @@ def test_skeleton_weight_adds_the_term_to_the_loss() -> None:
     both, parts_both = PartialDiceCELoss(ignore_label=2, skeleton_weight=2.0)([logits], {"target": target})
     assert "skeleton" not in parts and "skeleton" in parts_both
     assert float(both - plain) == pytest.approx(2.0 * parts_both["skeleton"], rel=1e-5)
+
+
+def test_marginal_loss_does_not_teach_an_undrawn_class_as_background() -> None:
+    """A case whose drawing left class 2 out: its background may be class 2 (marginal loss)."""
+    background_is_class_2 = torch.zeros(1, 3, 4, 4, 4)
+    background_is_class_2[:, 2] = 6.0  # confident "class 2" where the label set says background
+    target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    target[0, 0, 0] = 1
+    background_is_class_2[0, 1, 0] = 14.0
+    undrawn = torch.tensor([[False, False, True]])
+    as_drawn = partial_cross_entropy(background_is_class_2, target, ignore_label=3)
+    marginal = partial_cross_entropy(background_is_class_2, target, ignore_label=3, undrawn=undrawn)
+    assert float(as_drawn) > 4.0 and float(marginal) < 0.01
+    # its Dice term is left out (nothing says where class 2 is), class 1's stays
+    dice = partial_soft_dice(background_is_class_2, target, 3, undrawn=undrawn)
+    class_1 = torch.softmax(background_is_class_2, 1)[:, 1]
+    reference = (target[:, 0] == 1).float()
+    class_1_dice = (2 * (class_1 * reference).sum() + 1e-5) / (class_1.sum() + reference.sum() + 1e-5)
+    assert torch.isclose(dice, -class_1_dice)
+    assert float(partial_soft_dice(background_is_class_2, target, 3)) > float(dice) + 0.4
+
+
+def test_marginal_loss_is_the_log_of_background_plus_undrawn_probability() -> None:
+    torch.manual_seed(3)
+    logits = torch.randn(2, 3, 4, 5, 6, requires_grad=True)
+    target = torch.randint(0, 3, (2, 1, 4, 5, 6))
+    target[:, :, 0] = 9  # ignored
+    undrawn = torch.tensor([[False, False, False], [False, True, False]])
+    target[1][target[1] == 1] = 0  # sample 1 has no drawn class 1
+    probabilities = torch.softmax(logits.detach(), 1)
+    own = probabilities.gather(1, torch.where(target == 9, 0, target))[:, 0]
+    merged = probabilities[:, 0] + probabilities[:, 1] * torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+    likelihood = torch.where(target[:, 0] == 0, merged, own)
+    labelled = target[:, 0] != 9
+    expected = -torch.log(likelihood[labelled]).mean()
+    assert torch.isclose(partial_cross_entropy(logits, target, 9, undrawn), expected, atol=1e-5)
+    # nothing undrawn: exactly the plain partial cross-entropy
+    nothing = torch.zeros_like(undrawn)
+    assert torch.equal(
+        partial_cross_entropy(logits, target, 9, nothing), partial_cross_entropy(logits, target, 9)
+    )
+    assert torch.equal(
+        partial_soft_dice(logits, target, 9, undrawn=nothing), partial_soft_dice(logits, target, 9)
+    )
+
+
+def test_undrawn_classes_background_rule_ignores_the_batch_field() -> None:
+    torch.manual_seed(4)
+    logits = torch.randn(1, 3, 4, 4, 4)
+    target = torch.zeros(1, 1, 4, 4, 4, dtype=torch.long)
+    target[0, 0, :2] = 1
+    batch = {"target": target, "undrawn": torch.tensor([[False, False, True]])}
+    marginal, _ = PartialDiceCELoss(9)([logits], batch)
+    as_drawn, _ = PartialDiceCELoss(9, undrawn_classes="background")([logits], batch)
+    plain, _ = PartialDiceCELoss(9)([logits], {"target": target})
+    assert torch.equal(as_drawn, plain) and not torch.isclose(marginal, plain)

@@ -270,6 +270,29 @@ def test_two_classes_and_two_annotated_slices():
     )
 
 
+def test_a_class_drawn_on_no_slice_is_recorded_as_undrawn(tmp_path, monkeypatch):
+    """The report says which classes a case's drawings left out; the trainer reads it from the set."""
+    from mipseg.labelset import LabelSet
+    from mipseg.propagation.propagate_api import undrawn_classes
+
+    image, label, forward, backward = translating_organ()
+    annotation = label.astype(np.int16)
+    annotation[:, :, :20] *= 2  # class 2 lies left of x = 20 ...
+    drawn_slice = annotation[9].copy()
+    drawn_slice[drawn_slice == 2] = 0  # ... and the annotator drew only class 1 on slice 9
+    result = propagate_slices(image, {9: drawn_slice}, flow_transport(forward, backward, (48, 48)))
+    assert undrawn_classes(result, [1, 2]) == [2]
+    both = propagate_slices(image, {9: annotation[9]}, flow_transport(forward, backward, (48, 48)))
+    assert undrawn_classes(both, [1, 2]) == []
+    monkeypatch.setenv("MIPSEG_PREPROCESSED", str(tmp_path))
+    labelset = LabelSet("Dataset990_Test", "propagated")
+    labelset.folder.mkdir(parents=True)
+    cases = {"a": {"undrawn_classes": [2]}, "b": {"undrawn_classes": []}, "c": {}}
+    labelset.report_path.write_text(json.dumps({"cases": cases}))
+    assert labelset.undrawn_classes() == {"a": (2,)}
+    assert LabelSet("Dataset990_Test", "no_report").undrawn_classes() == {}
+
+
 def test_two_sided_fusion_beats_the_nearer_slice_and_keeps_the_drawings():
     from mipseg.synthetic import make_organ_volume
 
@@ -537,6 +560,7 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
             assert settings["refinement"]["coarse_iterations"] == 5 and settings["symmetric_flows"]
         report = json.loads((folder / "report.json").read_text())
         assert report["method"] == method and len(report["cases"]) == 2
+        assert all(case["undrawn_classes"] == [] for case in report["cases"].values())
         assert report["summary"]["agreement_mean"]["organ"]["dice"] > 0.6, report["summary"]
         labels, geometry = io.read_image(folder / "organs_000.nii.gz")
         assert labels.shape == (16, 32, 32) and geometry.spacing_zyx == (3.0, 1.0, 1.0)

@@ -164,6 +164,22 @@ def test_cli_reports_bad_input_in_one_line(data_roots) -> None:
     assert result.exit_code == 2 and "--dropout must be in [0, 1)" in result.output
     result = runner.invoke(app, ["-d", name, "-f", "0", "--skeleton-weight", "-1", "--device", "cpu"])
     assert result.exit_code == 2 and "--skeleton-weight must be >= 0, got -1.0" in result.output
+    result = runner.invoke(app, ["-d", name, "-f", "0", "--undrawn-classes", "maybe", "--device", "cpu"])
+    assert result.exit_code == 2 and "--undrawn-classes must be one of marginal, background" in result.output
+
+
+def test_the_label_sets_undrawn_classes_reach_the_training_cases(data_roots) -> None:
+    """A propagated set's report lists classes a case's drawings left out; each training case carries them."""
+    name = write_tiny_dataset(data_roots, num_cases=3)
+    report = {"cases": {"case_000": {"undrawn_classes": [1]}, "case_001": {"undrawn_classes": []}}}
+    ckpt.io.write_json(report, data_roots["preprocessed"] / name / "labelsets" / "pseudo" / "report.json")
+    inputs = fold_inputs.resolve_inputs(name, "all", "pseudo")
+    assert {case.case_id: case.undrawn for case in inputs.train_cases} == {
+        "case_000": (1,),
+        "case_001": (),
+        "case_002": (),
+    }
+    assert all(case.undrawn == () for case in fold_inputs.resolve_inputs(name, "all", "dense").train_cases)
 
 
 def test_ddp_with_two_gloo_processes_runs_one_epoch(data_roots) -> None:

@@ -126,3 +126,36 @@ def test_planner_locations_centre_unforced_patches_on_annotated_voxels(tmp_path:
     batch = next(loader)
     assert batch["seg"][0, 0, 2, 2, 2] == 0  # centred on the annotated voxel (2, 1, 1)
     assert batch["seg"][1, 0, 2, 2, 2] == 1  # forced: centred on the stored foreground voxel
+
+
+def test_batches_carry_the_classes_each_case_left_undrawn(tmp_path: Path) -> None:
+    """PatchLoader -> augmenter -> tensors: ``undrawn`` (B, K) per sample's case, for the marginal loss."""
+    import torch
+
+    from mipseg.training.loop import to_device
+
+    drawn = _write_case(tmp_path)
+    partial = D.TrainingCase("p", drawn.data, drawn.label, undrawn=(2,))
+    loader = D.PatchLoader(
+        [drawn, partial],
+        patch_size=(8, 8, 8),
+        batch_size=2,
+        foreground_labels=[1, 2],
+        ignore_label=IGNORE + 1,
+    )
+    augmenter = D.make_augmenter(
+        loader,
+        D.training_transforms((8, 8, 8), D.augmentation_settings((8, 8, 8), ()), IGNORE + 1),
+        num_workers=0,
+        seed=0,
+    )
+    batch = next(augmenter)
+    expected = np.array([[False, False, case == "p"] for case in batch["keys"]])
+    assert batch["undrawn"].shape == (2, 3) and np.array_equal(batch["undrawn"], expected)
+    tensors = to_device(batch, torch.device("cpu"), has_seeds=False)
+    assert torch.equal(tensors["undrawn"], torch.as_tensor(expected))
+    # no case left anything undrawn: no tensor, so the loss takes its plain path
+    only_drawn = D.PatchLoader(
+        [drawn], patch_size=(8, 8, 8), batch_size=2, foreground_labels=[1], ignore_label=IGNORE
+    )
+    assert "undrawn" not in to_device(next(only_drawn), torch.device("cpu"), has_seeds=False)

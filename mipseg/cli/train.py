@@ -66,6 +66,14 @@ def train(
             help="Weight of the skeleton recall term (soft recall of the labels' tubed skeleton; 0 = off).",
         ),
     ] = 0.0,
+    undrawn_classes: Annotated[
+        str,
+        typer.Option(
+            "--undrawn-classes",
+            help="Classes a case's drawing left out (propagated label sets record them): 'marginal' "
+            "(its background may be them; marginal loss) or 'background' (taken as drawn).",
+        ),
+    ] = "marginal",
     initial_lr: Annotated[float, typer.Option("--lr", help="Initial learning rate (poly decay).")] = 1e-2,
     num_workers: Annotated[
         int | None,
@@ -117,6 +125,7 @@ def train(
             dropout=dropout,
             seed_weight=seed_weight,
             skeleton_weight=skeleton_weight,
+            undrawn_classes=undrawn_classes,
             device=device,
         )
         fold_dir = train_fold(

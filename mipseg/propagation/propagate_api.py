@@ -16,6 +16,7 @@ only the network sees slices resized in-plane to its working grid.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -297,6 +298,12 @@ def propagate_case_drawings(
     return result, geometry, refinement
 
 
+def undrawn_classes(result: PropagationResult, foreground_labels: Sequence[int]) -> list[int]:
+    """Foreground class values drawn on none of a case's slices (every drawn class has an extent)."""
+    drawn = {extent.label for extent in result.extents}
+    return sorted(int(v) for v in foreground_labels if int(v) not in drawn)
+
+
 def propagate_case(
     dataset: Dataset, case: Case, settings: PropagationSettings, folder: Path, model=None, device="cpu"
 ) -> dict[str, Any]:
@@ -315,6 +322,8 @@ def propagate_case(
         "annotated_slices": sorted(case.annotations),
         "extents": [extent.to_dict() for extent in result.extents],
         "unsure_fraction": float(result.unsure.mean()),
+        # drawn on no slice of this case: its background may hold them (the trainer's marginal loss)
+        "undrawn_classes": undrawn_classes(result, dataset.spec.foreground_labels),
         "seconds": time.perf_counter() - began,
     }
     if settings.method == "flow":

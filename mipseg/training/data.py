@@ -58,6 +58,9 @@ class TrainingCase:
         ``(N, 3)`` voxels); computed from the label when absent.
     mip_targets
         Optional ``data/mip_targets/{case}.npz`` of the MIP trainer (:mod:`mipseg.training.mip_data`).
+    undrawn
+        Class values the label set did not draw in this case (its background may hold them;
+        :meth:`mipseg.labelset.LabelSet.undrawn_classes`).
     """
 
     case_id: str
@@ -66,6 +69,7 @@ class TrainingCase:
     seeds: Path | None = None
     locations: Path | None = None
     mip_targets: Path | None = None
+    undrawn: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,8 @@ def foreground_locations(
 class PatchLoader(DataLoader):
     """Infinite random patches with foreground oversampling on labelled foreground voxels.
 
-    Each batch is ``{"data": (B, C, *crop), "seg": (B, S, *crop), "keys": [...]}`` with
+    Each batch is ``{"data": (B, C, *crop), "seg": (B, S, *crop), "undrawn": (B, K) bool, "keys": [...]}``
+    (``undrawn``: the classes each sample's case did not draw, :attr:`TrainingCase.undrawn`) with
     ``crop = initial patch size`` (the spatial transform cuts the final patch); ``S`` is 1, or 2
     when seeds are loaded, plus two per axis of ``mip_axes`` (ray annotation, brightest-voxel
     marker: :func:`mipseg.training.mip_data.ray_channels`). Sample ``j`` of a batch is forced onto
@@ -237,8 +242,10 @@ class PatchLoader(DataLoader):
 
     def generate_train_batch(self) -> dict[str, object]:
         data, seg, keys = [], [], []
+        undrawn = np.zeros((self.batch_size, max(self.foreground_labels, default=0) + 1), dtype=bool)
         for j, index in enumerate(self.get_indices()):
             case = self._data[index]
+            undrawn[j, list(case.undrawn)] = True
             image = np.load(case.data, mmap_mode="r")
             label = np.load(case.label, mmap_mode="r")
             bbox = self._bbox(image.shape[1:], self._centre(index, label, self._force_foreground(j)))
@@ -261,6 +268,7 @@ class PatchLoader(DataLoader):
         return {
             "data": np.stack(data).astype(np.float32),
             "seg": np.stack(seg).astype(np.int16),
+            "undrawn": undrawn,
             "keys": keys,
         }
 

@@ -133,6 +133,8 @@ def resolve_inputs(dataset: str | int, fold: int | str, labels: str) -> FoldInpu
     elif labels == "dense":
         dense_dir = labelset_dir
 
+    undrawn = LabelSet(name, labels).undrawn_classes() if labels != "dense" else {}
+
     def case(case_id: str) -> data_module.TrainingCase:
         seeds = labelset_dir / f"{case_id}_seeds.npy"
         return data_module.TrainingCase(
@@ -141,6 +143,7 @@ def resolve_inputs(dataset: str | int, fold: int | str, labels: str) -> FoldInpu
             labelset_dir / f"{case_id}.npy",
             seeds if seeds.is_file() else None,
             labelset_dir / f"{case_id}_locations.npz",
+            undrawn=undrawn.get(case_id, ()),
         )
 
     return FoldInputs(

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from mipseg.metrics import dice_from_counts
-from mipseg.training.losses import LossFunction
+from mipseg.training.losses import UNDRAWN_CLASS_RULES, LossFunction
 
 
 @dataclass
@@ -44,6 +44,7 @@ class TrainingConfig:
     dropout: float = 0.0
     seed_weight: float = 1.0
     skeleton_weight: float = 0.0
+    undrawn_classes: str = "marginal"
     device: str = "auto"
 
     def to_json(self) -> dict[str, Any]:
@@ -67,6 +68,9 @@ def check_config(config: TrainingConfig) -> None:
         problems.append(f"--seed-weight must be >= 0, got {config.seed_weight}")
     if config.skeleton_weight < 0:
         problems.append(f"--skeleton-weight must be >= 0, got {config.skeleton_weight}")
+    if config.undrawn_classes not in UNDRAWN_CLASS_RULES:
+        rules = ", ".join(UNDRAWN_CLASS_RULES)
+        problems.append(f"--undrawn-classes must be one of {rules}, got {config.undrawn_classes!r}")
     if config.initial_lr <= 0:
         problems.append(f"--lr must be positive, got {config.initial_lr}")
     if config.save_every < 1:
@@ -170,7 +174,8 @@ def make_state(network: nn.Module, config: TrainingConfig, device: torch.device)
 
 
 def to_device(batch: dict[str, Any], device: torch.device, has_seeds: bool) -> dict[str, torch.Tensor]:
-    """numpy batch from the augmenter -> tensors: ``data``, ``target``, optionally ``seeds``, ``mip``.
+    """numpy batch from the augmenter -> tensors: ``data``, ``target``, optionally ``seeds``, ``mip``,
+    ``undrawn`` (only when some sample's case left a class undrawn).
 
     ``seg`` channel 0 is the label set, channel 1 (when loaded) the seeds, any further channels
     the MIP trainer's ray channels (``mip``).
@@ -185,6 +190,8 @@ def to_device(batch: dict[str, Any], device: torch.device, has_seeds: bool) -> d
     first_mip = 2 if has_seeds else 1
     if seg.shape[1] > first_mip:  # the MIP trainer's ray channels (mipseg.training.mip_data)
         tensors["mip"] = seg[:, first_mip:].to(device, non_blocking=True)
+    if "undrawn" in batch and np.asarray(batch["undrawn"]).any():
+        tensors["undrawn"] = torch.as_tensor(np.asarray(batch["undrawn"]), dtype=torch.bool).to(device)
     return tensors
 
 

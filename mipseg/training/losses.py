@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 
 LossFunction = Callable[[object, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+# How a sample's background is read where its case left classes undrawn (--undrawn-classes).
+UNDRAWN_CLASS_RULES = ("marginal", "background")
 
 
 def deep_supervision_weights(num_outputs: int) -> list[float]:
@@ -36,8 +38,13 @@ def deep_supervision_weights(num_outputs: int) -> list[float]:
     return list(weights / weights.sum())
 
 
-def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_label: int) -> torch.Tensor:
-    """Mean cross-entropy over labelled voxels.
+def partial_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_label: int,
+    undrawn: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy over labelled voxels, marginal over undrawn classes.
 
     Parameters
     ----------
@@ -45,15 +52,36 @@ def partial_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_lab
         ``(B, K, z, y, x)``.
     target
         ``(B, 1, z, y, x)`` integer labels in ``0..K-1`` or ``ignore_label``.
+    undrawn
+        Optional ``(B, K)`` bool: class ``k`` was not drawn in sample ``b``, so that sample's
+        background may hold it. Background voxels of such a sample are scored by the log of the
+        summed probability of background and its undrawn classes (the marginal loss of Shi et
+        al., MedIA 2021), so the network is not taught that an undrawn organ is background.
 
     Returns
     -------
     Scalar; exactly 0 (still connected to the graph) when no voxel is labelled.
     """
     labels = target[:, 0].long()
-    if not bool((labels != ignore_label).any()):
+    labelled = labels != ignore_label
+    if not bool(labelled.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_label)
+    if undrawn is None or not bool(undrawn.any()):
+        return F.cross_entropy(logits.float(), labels, ignore_index=ignore_label)
+    log_probabilities = torch.log_softmax(logits.float(), dim=1)
+    merged = _merged_background(undrawn, log_probabilities.ndim)
+    background = torch.logsumexp(log_probabilities.masked_fill(~merged, float("-inf")), dim=1)
+    safe_labels = torch.where(labelled, labels, 0).unsqueeze(1)
+    own = log_probabilities.gather(1, safe_labels)[:, 0]
+    log_likelihood = torch.where(labels == 0, background, own)
+    return -(log_likelihood * labelled).sum() / labelled.sum()
+
+
+def _merged_background(undrawn: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(B, K, 1, ...)`` bool: the classes a background voxel of each sample may be."""
+    merged = undrawn.bool().clone()
+    merged[:, 0] = True
+    return merged.reshape(*merged.shape, *([1] * (ndim - 2)))
 
 
 def partial_soft_dice(
@@ -64,6 +92,7 @@ def partial_soft_dice(
     batch_dice: bool = False,
     do_bg: bool = False,
     smooth: float = 1e-5,
+    undrawn: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative soft Dice of the softmax, counted over labelled voxels only.
 
@@ -78,6 +107,10 @@ def partial_soft_dice(
         Sum over the batch before dividing (nnU-Net's ``batch_dice``); else per sample.
     do_bg
         Include the background class.
+    undrawn
+        Optional ``(B, K)`` bool, as in :func:`partial_cross_entropy`: an undrawn class has no
+        Dice term in that sample (nothing there says where it is), and the sample's background
+        probability is that of background or any of its undrawn classes.
 
     Returns
     -------
@@ -90,16 +123,24 @@ def partial_soft_dice(
         one_hot = torch.zeros_like(probabilities)
         one_hot.scatter_(1, torch.where(labels == ignore_label, 0, labels).unsqueeze(1), 1.0)
         one_hot = one_hot * mask
+    scored = torch.ones(probabilities.shape[:2], dtype=torch.bool, device=probabilities.device)
+    if undrawn is not None and bool(undrawn.any()):
+        merged = _merged_background(undrawn, probabilities.ndim)
+        background = (probabilities * merged).sum(1, keepdim=True)
+        probabilities = torch.cat([background, probabilities[:, 1:]], dim=1)
+        scored = ~undrawn.bool()
     if not do_bg:
-        probabilities, one_hot = probabilities[:, 1:], one_hot[:, 1:]
+        probabilities, one_hot, scored = probabilities[:, 1:], one_hot[:, 1:], scored[:, 1:]
     axes = tuple(range(2, probabilities.ndim))
-    intersection = (probabilities * one_hot).sum(axes)
-    predicted = (probabilities * mask).sum(axes)
-    reference = one_hot.sum(axes)
+    weight = scored.float()
+    intersection = (probabilities * one_hot).sum(axes) * weight
+    predicted = (probabilities * mask).sum(axes) * weight
+    reference = one_hot.sum(axes) * weight
     if batch_dice:
         intersection, predicted, reference = intersection.sum(0), predicted.sum(0), reference.sum(0)
+        weight = (weight.sum(0) > 0).float()
     dice = (2 * intersection + smooth) / torch.clip(reference + predicted + smooth, min=1e-8)
-    return -dice.mean()
+    return -(dice * weight).sum() / torch.clip(weight.sum(), min=1.0)
 
 
 def partial_dice_ce_loss(
@@ -110,15 +151,18 @@ def partial_dice_ce_loss(
     weight_ce: float = 1.0,
     weight_dice: float = 1.0,
     batch_dice: bool = False,
+    undrawn: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """nnU-Net's ``DC_and_CE_loss`` with an ignore label, for one resolution.
+
+    ``undrawn``: optional ``(B, K)`` bool of classes not drawn per sample (:func:`partial_cross_entropy`).
 
     Returns
     -------
     (total, cross_entropy, negative_dice), all scalars.
     """
-    ce = partial_cross_entropy(logits, target, ignore_label)
-    dice = partial_soft_dice(logits, target, ignore_label, batch_dice=batch_dice)
+    ce = partial_cross_entropy(logits, target, ignore_label, undrawn)
+    dice = partial_soft_dice(logits, target, ignore_label, batch_dice=batch_dice, undrawn=undrawn)
     return weight_ce * ce + weight_dice * dice, ce, dice
 
 
@@ -220,18 +264,24 @@ class PartialDiceCELoss:
         Weight of :func:`skeleton_recall` at full resolution; 0 (default) skips it.
     batch_dice
         nnU-Net's ``batch_dice`` (False for 3d_fullres).
+    undrawn_classes
+        ``"marginal"``: a batch's ``"undrawn"`` ``(B, K)`` bool (classes not drawn in a sample's
+        case) makes its background "background or an undrawn class" (:func:`partial_cross_entropy`);
+        ``"background"``: the label set's background is taken as drawn.
     """
 
     ignore_label: int
     seed_weight: float = 1.0
     skeleton_weight: float = 0.0
     batch_dice: bool = False
+    undrawn_classes: str = "marginal"
 
     def __call__(
         self, outputs: torch.Tensor | list[torch.Tensor], batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, float]]:
         outputs = outputs if isinstance(outputs, list | tuple) else [outputs]
         target = batch["target"]
+        undrawn = batch.get("undrawn") if self.undrawn_classes == "marginal" else None
         weights = deep_supervision_weights(len(outputs))
         total = outputs[0].new_zeros(())
         parts = {}
@@ -242,7 +292,7 @@ class PartialDiceCELoss:
                 continue
             level_target = _resize_nearest(target, logits.shape[2:])
             level_loss, ce, dice = partial_dice_ce_loss(
-                logits, level_target, self.ignore_label, batch_dice=self.batch_dice
+                logits, level_target, self.ignore_label, batch_dice=self.batch_dice, undrawn=undrawn
             )
             total = total + weight * level_loss
             if i == 0:

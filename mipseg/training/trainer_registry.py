@@ -38,6 +38,7 @@ def _plain_loss(plans: Plans, spec: DatasetSpec, config: TrainingConfig) -> Loss
         ignore_label=spec.ignore_label,
         seed_weight=config.seed_weight,
         skeleton_weight=config.skeleton_weight,
+        undrawn_classes=config.undrawn_classes,
     )
 
 
