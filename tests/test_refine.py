@@ -158,9 +158,15 @@ def _train_two_folds(data_roots, dropout: float = 0.3) -> str:
 def test_stage_writes_a_valid_label_set_report_and_resumes(data_roots) -> None:
     name = _train_two_folds(data_roots)
     settings = RefineSettings(passes=2)
-    folder = refine_labelset(name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False)
     source = data_roots["preprocessed"] / name / "labelsets" / "pseudo"
+    # a class the source's drawings left out of a case stays recorded in the refined set
+    source_report = io.read_json(source / "report.json") if (source / "report.json").is_file() else {}
+    source_report.setdefault("cases", {}).setdefault("case_002", {})["undrawn_classes"] = [1]
+    io.write_json(source_report, source / "report.json")
+    folder = refine_labelset(name, "pseudo", "refined", settings=settings, device="cpu", show_progress=False)
     report = io.read_json(folder / "report.json")
+    assert [c for c, entry in report["cases"].items() if "undrawn_classes" in entry] == ["case_002"]
+    assert report["cases"]["case_002"]["undrawn_classes"] == [1]
     assert sorted(report["cases"]) == [f"case_{i:03d}" for i in range(4)]
     assert report["warnings"] == []
     for case_id, entry in report["cases"].items():

@@ -171,6 +171,8 @@ def refine_labelset(
         agreement_keys=("agreement", "source_agreement"),
     )
     todo = [c for c in loaded.cases if not writer.finished(c.case_id)]
+    # still drawn nowhere in those cases: the refined set's background may hold them as much as the source's
+    undrawn = source.undrawn_classes()
     with progress_bar(show_progress, transient=True) as bar:
         task = bar.add_task(
             f"refine {loaded.name}", total=len(loaded.cases), completed=len(loaded.cases) - len(todo)
@@ -197,6 +199,8 @@ def refine_labelset(
                 settings=settings,
                 device=torch_device,
             )
+            if case.case_id in undrawn:
+                entry["undrawn_classes"] = list(undrawn[case.case_id])
             writer.add_case(case.case_id, entry)
             bar.advance(task)
     writer.close(loaded.case_ids)
