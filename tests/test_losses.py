@@ -114,6 +114,9 @@ def test_pseudo_dice_counts_only_labelled_voxels_and_poly_lr() -> None:
     counts = confusion_counts(logits, target, num_classes=2, ignore_label=IGNORE)
     assert counts.tolist() == [[1, 0, 1]]  # voxel 1 is ignored, so its vessel prediction is no FP
     assert dice_from_counts(*counts.T).tolist() == [2 / 3]
+    # a class the sample's case left undrawn is not scored there
+    undrawn = torch.tensor([[False, True]])
+    assert confusion_counts(logits, target, 2, IGNORE, undrawn).tolist() == [[0, 0, 0]]
     assert np.isnan(dice_from_counts(*np.zeros((1, 3), dtype=np.int64).T)[0])
     assert poly_lr(0.01, 0, 100) == 0.01 and poly_lr(0.01, 50, 100) == pytest.approx(0.01 * 0.5**0.9)
 

@@ -218,7 +218,11 @@ def train_step(
 
 
 def confusion_counts(
-    logits: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_label: int
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    num_classes: int,
+    ignore_label: int,
+    undrawn: torch.Tensor | None = None,
 ) -> np.ndarray:
     """Per foreground class TP, FP, FN of the argmax over labelled voxels.
 
@@ -228,6 +232,9 @@ def confusion_counts(
         ``(B, K, z, y, x)`` full-resolution logits.
     target
         ``(B, 1, z, y, x)``.
+    undrawn
+        Optional ``(B, K)`` bool: a class undrawn in a sample's case is not counted in that sample
+        (its label set does not say where that class is).
 
     Returns
     -------
@@ -238,7 +245,10 @@ def confusion_counts(
     labelled = labels != ignore_label
     counts = np.zeros((num_classes - 1, 3), dtype=np.int64)
     for c in range(1, num_classes):
-        predicted, reference = (prediction == c) & labelled, (labels == c) & labelled
+        scored = labelled
+        if undrawn is not None:
+            scored = labelled & ~undrawn[:, c].reshape(-1, *([1] * (labels.ndim - 1)))
+        predicted, reference = (prediction == c) & scored, (labels == c) & scored
         counts[c - 1] = [
             int((predicted & reference).sum()),
             int((predicted & ~reference).sum()),
@@ -261,7 +271,8 @@ def validation_step(
         outputs = state.network(batch["data"])
         loss, _ = loss_fn(outputs, batch)
     full = outputs[0] if isinstance(outputs, list | tuple) else outputs
-    return float(loss), confusion_counts(full.float(), batch["target"], num_classes, ignore_label)
+    counts = confusion_counts(full.float(), batch["target"], num_classes, ignore_label, batch.get("undrawn"))
+    return float(loss), counts
 
 
 def run_epoch(
