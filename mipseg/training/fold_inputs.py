@@ -133,7 +133,7 @@ def resolve_inputs(dataset: str | int, fold: int | str, labels: str) -> FoldInpu
     elif labels == "dense":
         dense_dir = labelset_dir
 
-    undrawn = LabelSet(name, labels).undrawn_classes() if labels != "dense" else {}
+    undrawn = LabelSet(name, labels).undrawn_classes()  # {} for dense: it has no report
 
     def case(case_id: str) -> data_module.TrainingCase:
         seeds = labelset_dir / f"{case_id}_seeds.npy"
