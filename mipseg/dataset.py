@@ -219,8 +219,9 @@ def load_dataset(
     require_labels
         Every training case must have a dense label in labelsTr.
     check_annotations
-        Read every annotation PNG (grid, values, not empty). ``mipseg_annotate`` turns it off to
-        open a dataset whose drawings it is there to fix; file names are checked either way.
+        Read every annotation PNG (grid, values, no empty MIP, not every slice of a case empty).
+        ``mipseg_annotate`` turns it off to open a dataset whose drawings it is there to fix; file
+        names are checked either way.
 
     Raises
     ------
@@ -294,13 +295,24 @@ def validate_case(
             )
     if case.label is not None:
         problems += _check_label(case.label, reference_shape, reference, spec, read_voxels)
-    for key, png in sorted(case.annotations.items()) if check_annotations else ():
-        problems += check_annotation_png(png, spec, reference_shape, key)
+    if check_annotations:
+        for key, png in sorted(case.annotations.items()):
+            problems += check_annotation_png(png, spec, reference_shape, key)
+        if spec.annotation == "slice" and case.annotations and not problems:
+            problems += _check_some_slice_drawn(case)
     return problems
 
 
+def _check_some_slice_drawn(case: Case) -> list[str]:
+    """A case whose every drawn slice is empty says nothing about where its organs are."""
+    if any(np.any(read_annotation_values(png)) for png in case.annotations.values()):
+        return []
+    files = ", ".join(png.name for _, png in sorted(case.annotations.items()))
+    return [f"{files}: every drawn slice of case {case.case_id} is empty; draw the organs on at least one"]
+
+
 def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, ...], key: int) -> list[str]:
-    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty, unknown label values.
+    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty MIP, unknown label values.
 
     ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode). Values follow
     :mod:`mipseg.annotation_png` (one foreground class: any nonzero pixel is it).
@@ -319,7 +331,9 @@ def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, 
         grid = f"MIP grid {expected} of the image along axis {key}"
     if array.shape != expected:
         return [f"{path}: size {array.shape} (rows, columns) does not match the {grid}"]
-    if not np.any(array):
+    # An empty slice is a drawing in slice mode ("no organ here", e.g. a suggested slice past the
+    # organ's end); an empty MIP would mean no vessel at all, which is a mistake.
+    if not np.any(array) and spec.annotation != "slice":
         return [f"{path}: empty annotation (no nonzero pixel)"]
     try:
         values_to_classes(array, list(spec.class_labels.values()), path)

@@ -305,6 +305,10 @@ def test_slice_mode_new_slices_suggestion_and_delete(organs: Path) -> None:
         c for c in client.get("/api/cases", headers=HEADERS).json()["cases"] if c["case"] == "organs_000"
     )
     assert 2 in [t["index"] for t in entry["targets"]] and len(entry["targets"]) == 2
+    # an empty slice is saved in slice mode: the annotator says the organ is not there
+    empty = put(client, "/api/cases/organs_000/slice/10/annotation", drawing * 0, "")
+    assert empty.status_code == 200 and empty.json()["state"] == "valid", empty.text
+    assert not np.any(np.asarray(Image.open(organs / "annotationsTr" / "organs_000_slice10.png")))
 
     saved = __import__("json").loads(
         client.get("/api/cases/organs_000/slice/2/annotation", headers=HEADERS).headers["x-mipseg-meta"]

@@ -225,6 +225,19 @@ def test_slice_annotation_outside_volume(data_roots: dict[str, Path]) -> None:
         load_dataset(900)
 
 
+def test_an_empty_slice_is_a_drawing_unless_every_slice_of_the_case_is_empty(
+    data_roots: dict[str, Path],
+) -> None:
+    folder = make_dataset(data_roots["raw"], mode="slice")
+    io.write_png(np.zeros((10, 12), np.uint8), folder / "annotationsTr" / "case_000_slice5.png")
+    assert set(load_dataset(900, require_annotations=True).cases[0].annotations) == {3, 5}
+    (folder / "annotationsTr" / "case_000_slice3.png").unlink()
+    before = snapshot(folder)
+    code, output = run_validate("-d", "900")
+    assert code == 2 and "every drawn slice of case case_000 is empty" in output, output
+    assert "case_000_slice5.png" in output and snapshot(folder) == before
+
+
 def test_missing_dataset_folder(data_roots: dict[str, Path]) -> None:
     code, output = run_validate("-d", "Dataset901_Nothing")
     assert code == 2 and "dataset folder not found" in output

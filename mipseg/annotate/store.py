@@ -5,7 +5,7 @@ A *target* is one drawing: ``(case, "mip", axis)`` or ``(case, "slice", k)``, st
 exist: an unknown case, a kind other than the dataset's annotation mode, an axis outside
 ``mip_axes`` or a slice outside the volume is refused, so no request can name another file.
 
-A save is checked first (grid size, class values, not empty), then, under a per-file lock, the
+A save is checked first (grid size, class values, not an empty MIP), then, under a per-file lock, the
 file on disk is compared with the version the page started from (another tab may have saved in
 between), the previous version is copied to ``annotationsTr/.history/{name}.{UTC time}.png`` and
 the new drawing is written to a temporary file and renamed over the old one: a reader sees the old
@@ -243,7 +243,7 @@ class AnnotationStore:
         unknown = sorted(set(np.unique(classes).tolist()) - set(self.class_values))
         if unknown:
             raise InputError(f"{target.file_name}: values {unknown} are not labels {self.class_values}")
-        if not classes.any():
+        if not classes.any() and target.kind != "slice":  # an empty slice says "no organ here"
             raise InputError(f"{target.file_name}: nothing drawn; an empty annotation is not saved")
         return classes
 
