@@ -330,6 +330,50 @@ def test_fusion_lets_a_class_drawn_on_one_side_only_end_between():
     assert dice(result.labels[low:high] == 1, label[low:high] == 1) >= 0.85
 
 
+def test_verification_between_two_drawings_can_be_skipped_and_is_kept_elsewhere():
+    image, label, forward, backward = translating_organ()
+    occupied = np.flatnonzero(label.any(axis=(1, 2)))
+    low, high = occupied[0] + 4, occupied[-1] - 4
+    columns = np.arange(image.shape[2])[None, None, :]
+    # a dark rim (ring intensity) on the organ's left on every slice: verification cuts it off
+    dark = label.astype(bool) & (columns < 21)
+    image = np.where(dark, np.float32(0.3), image)
+    transport = flow_transport(forward, backward, (48, 48))
+    drawn = {low: label[low].astype(np.int16), high: label[high].astype(np.int16)}
+    verified = propagate_slices(image, drawn, transport)
+    skipped = propagate_slices(image, drawn, transport, verify_between=False)
+    between = slice(low + 1, high)
+    dice_verified = dice(verified.labels[between] == 1, label[between] == 1)
+    dice_skipped = dice(skipped.labels[between] == 1, label[between] == 1)
+    # (the ellipsoid is wider between the drawings than on them, so even unverified runs miss a rim)
+    assert dice_skipped >= 0.88 and dice_skipped > dice_verified + 0.1, (dice_skipped, dice_verified)
+    # outside the drawings the stop rule still needs verification: the same labels as before
+    outside = np.r_[:low, high + 1 : image.shape[0]]
+    assert np.array_equal(skipped.labels[outside], verified.labels[outside])
+    # a class the upper drawing leaves out ends between them: its run stays verified
+    one_sided = {low: drawn[low], high: np.zeros_like(drawn[high])}
+    assert np.array_equal(
+        propagate_slices(image, one_sided, transport, verify_between=False).labels,
+        propagate_slices(image, one_sided, transport).labels,
+    )
+
+
+def test_an_empty_drawn_slice_ends_the_organ_that_intensity_alone_would_carry_on():
+    rows, cols = np.mgrid[:32, :32]
+    disc = (rows - 16) ** 2 + (cols - 16) ** 2 < 36
+    image = np.full((20, 32, 32), 0.2, np.float32)
+    image[:, disc] = 0.8  # as bright past the organ's end (slice 11) as inside it
+    label = np.zeros((20, 32, 32), np.int16)
+    label[:12, disc] = 1
+    alone = propagate_slices(image, {6: label[6]}, copy_transport)
+    assert alone.labels[19].any()  # nothing in the image stops it
+    stopped = propagate_slices(image, {6: label[6], 14: np.zeros((32, 32), np.int16)}, copy_transport)
+    assert not stopped.labels[13:].any() and not stopped.unsure[13:].any()  # background, and sure of it
+    assert np.array_equal(stopped.labels[:8], label[:8]) and not stopped.unsure[:8].any()
+    # where the organ may end between the drawings, its voxels are unsure rather than called background
+    assert (stopped.unsure[8:13] | (stopped.labels[8:13] == 1))[label[8:13] == 1].all()
+
+
 def test_spread_slices_pick_the_cheapest_cover_deterministically():
     steps = np.abs(np.arange(10)[:, None] - np.arange(10)[None]).astype(float)
     assert spread_slices(steps, 1) == [4]  # ties: the lower index (4 and 5 reach all in 25 steps)
@@ -565,6 +609,25 @@ def test_command_writes_the_propagated_label_set(organ_dataset, data_roots):
         labels, geometry = io.read_image(folder / "organs_000.nii.gz")
         assert labels.shape == (16, 32, 32) and geometry.spacing_zyx == (3.0, 1.0, 1.0)
         assert set(np.unique(labels)) <= {0, 1, 2}
+    # a slice drawn empty past the organ's end is read as "no organ here"
+    raw = paths.raw_dataset_dir(organ_dataset)
+    truth, _ = io.read_image(raw / "labelsTr" / "organs_000.nii.gz")
+    end = int(np.flatnonzero(truth.any(axis=(1, 2)))[-1])
+    assert end + 1 < truth.shape[0]  # the synthetic organ fills about half of the depth
+    io.write_png(
+        np.zeros(truth.shape[1:], np.uint8), raw / "annotationsTr" / f"organs_000_slice{end + 1}.png"
+    )
+    outcome = runner.invoke(
+        app, ["-d", str(organ_dataset), "--method", "copy", "--name", "ended", "--no-verify-between"]
+    )
+    assert outcome.exit_code == 0, outcome.output
+    folder = paths.labelset_dir(organ_dataset, "ended")
+    assert (
+        end + 1 in json.loads((folder / "report.json").read_text())["cases"]["organs_000"]["annotated_slices"]
+    )
+    assert json.loads((folder / "labelset.json").read_text())["settings"]["verify_between"] is False
+    labels, _ = io.read_image(folder / "organs_000.nii.gz")
+    assert not labels[end + 1 :].any()
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--method", "magic"])
     assert bad.exit_code == 2 and "--method magic" in bad.output
     bad = runner.invoke(app, ["-d", str(organ_dataset), "--refine-iters", "-1"])

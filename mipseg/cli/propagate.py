@@ -60,6 +60,14 @@ def propagate(
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip the intensity verification of propagated masks.")
     ] = False,
+    no_verify_between: Annotated[
+        bool,
+        typer.Option(
+            "--no-verify-between",
+            help="Skip the intensity verification between two drawn slices that both show the class "
+            "(kept outside them and where the class ends between them).",
+        ),
+    ] = False,
     ignore_band: Annotated[
         int, typer.Option("--ignore-band", help="Pixels around propagated boundaries labelled ignore.")
     ] = 0,
@@ -140,6 +148,7 @@ def propagate(
         settings = PropagationSettings(
             method=method,
             verify=not no_verify,
+            verify_between=not no_verify_between,
             ignore_band=ignore_band,
             band_growth=band_growth,
             refinement=refinement,

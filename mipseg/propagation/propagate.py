@@ -213,6 +213,7 @@ def propagate_slices(
     *,
     rule: StopRule = StopRule(),
     verify: bool = True,
+    verify_between: bool = True,
     ignore_band: int = 0,
     ignore_slices: int = 1,
     band_growth: float = 0.0,
@@ -230,6 +231,12 @@ def propagate_slices(
         absent from an annotated slice is absent there (the annotator drew every class it saw).
     transport
         Moves masks between neighbouring slices (see :data:`Transport`).
+    verify, verify_between
+        ``verify`` applies the intensity verification; ``verify_between=False`` skips it on the
+        runs between two annotated slices that both show the class (two-sided fusion only). There
+        the class cannot end unseen, and each verified step only ever drops a rim of pixels, so
+        both chains shrink (documentation/propagate.md, fourth round); outside the drawings and
+        where the class ends between them it is kept, since the stop rule needs it.
     ignore_band, band_growth
         The unsure band around propagated boundaries on a slice ``d`` slices from the nearest
         annotated slice is ``ignore_band + floor(band_growth * d)`` pixels wide: a growth above 0
@@ -270,8 +277,17 @@ def propagate_slices(
             for step in (1, -1):
                 # two-sided: up to the next annotated slice; nearer: the slices nearer to this one
                 bound = _zone_end(index, step, ordered, depth, fusion)
+                closed = fusion == "two_sided" and _neighbour_shows(annotations, ordered, index, step, label)
                 runs[index][step] = _propagate_direction(
-                    image, mask, index, step, bound, transport, rule, verify, reference
+                    image,
+                    mask,
+                    index,
+                    step,
+                    bound,
+                    transport,
+                    rule,
+                    verify and (verify_between or not closed),
+                    reference,
                 )
             extents.append(_extent(label, index, runs[index]))
         for position, index in enumerate(ordered):
@@ -315,6 +331,14 @@ def _zone_end(index: int, step: int, ordered: list[int], depth: int, fusion: str
         return depth - 1 if step == 1 else 0
     other = ordered[neighbour]
     return other - step if fusion == "two_sided" else (index + other) // 2 + (step < 0)
+
+
+def _neighbour_shows(
+    annotations: dict[int, np.ndarray], ordered: list[int], index: int, step: int, label: int
+) -> bool:
+    """Whether the next annotated slice after ``index`` in direction ``step`` shows class ``label``."""
+    neighbour = ordered.index(index) + step
+    return 0 <= neighbour < len(ordered) and bool((annotations[ordered[neighbour]] == label).any())
 
 
 def _extent(label: int, index: int, directions: dict[int, tuple[list, str, np.ndarray]]) -> ClassExtent:

@@ -56,6 +56,7 @@ class PropagationSettings:
 
     method: str = "flow"
     verify: bool = True
+    verify_between: bool = True
     ignore_band: int = 0
     ignore_slices: int = 1
     band_growth: float = 0.0
@@ -93,6 +94,7 @@ class PropagationSettings:
             "refinement": self.refinement.to_json() if self.method == "flow" else None,
             "symmetric_flows": self.symmetric_flows if self.method == "flow" else None,
             "verify": self.verify,
+            "verify_between": self.verify_between,
             "ignore_band": self.ignore_band,
             "ignore_slices": self.ignore_slices,
             "band_growth": self.band_growth,
@@ -290,6 +292,7 @@ def propagate_case_drawings(
         transport,
         rule=settings.stop_rule,
         verify=settings.verify,
+        verify_between=settings.verify_between,
         ignore_band=settings.ignore_band,
         ignore_slices=settings.ignore_slices,
         band_growth=settings.band_growth,
