@@ -143,11 +143,12 @@ def write_source_dataset(source: str, dataset_id: int, args) -> Path:
     return write_real_dataset(paths.raw_root(), dataset_id, source, args)
 
 
-def draw_suggested(raw: Path, *suggestions: Path) -> dict[str, list[int]]:
+def draw_suggested(raw: Path, *suggestions: Path, empty: bool = False) -> dict[str, list[int]]:
     """Simulated annotator: the dense truth on every slice of the suggestion files that shows an organ.
 
     Earlier drawings of each case are removed first; several files (``--suggest 1`` and then
-    ``--suggest-next``) are drawn together.
+    ``--suggest-next``) are drawn together. ``empty``: a suggested slice that shows no organ is
+    drawn too, empty ("no organ here"), where another slice of the case shows one.
     """
     from mipseg import io
 
@@ -160,7 +161,8 @@ def draw_suggested(raw: Path, *suggestions: Path) -> dict[str, list[int]]:
         for old in (raw / "annotationsTr").glob(f"{case_id}_slice*.png"):
             old.unlink()
         truth, _ = io.read_image(raw / "labelsTr" / f"{case_id}.nii.gz")
-        drawn[case_id] = [i for i in sorted(indices) if truth[i].any()]
+        showing = [i for i in sorted(indices) if truth[i].any()]
+        drawn[case_id] = sorted(indices) if empty and showing else showing
         for index in drawn[case_id]:
             io.write_png(truth[index].astype(np.uint8), raw / "annotationsTr" / f"{case_id}_slice{index}.png")
     return drawn
@@ -286,20 +288,20 @@ def run_source(source: str, dataset_id: int, args) -> dict:
     for count in sorted(set(args.slices) | ({1} if args.suggest_mode == "next" else set())):
         if f"drawn_{count}" not in state:
             if args.suggest_mode == "next" and count > 1:
-                draw_suggested(raw, work / "suggested_1.json")
+                draw_suggested(raw, work / "suggested_1.json", empty=args.draw_empty)
                 command = ["mipseg_propagate", "-d", d, "--suggest-next", str(count - 1), *flow]
             else:
                 command = ["mipseg_propagate", "-d", d, "--suggest", str(count), *flow]
             run_command(command, env, "organ_models")
             shutil.copy(suggestions, work / f"suggested_{count}.json")
-            state.set(f"drawn_{count}", draw_suggested(raw, *drawing_files(count)))
+            state.set(f"drawn_{count}", draw_suggested(raw, *drawing_files(count), empty=args.draw_empty))
         if count not in args.slices:
             continue
         for method in METHODS:
             name = f"{method}_{count}"
             folder = paths.preprocessed_dataset_dir(d) / "labelsets" / name
             if f"labels_{name}" not in state:
-                draw_suggested(raw, *drawing_files(count))  # the drawings of this count
+                draw_suggested(raw, *drawing_files(count), empty=args.draw_empty)  # this count's drawings
                 command = ["mipseg_propagate", "-d", d, "--method", method, "--name", name, *flow]
                 seconds = run_command([*command, *args.propagate_flags], env, "organ_models")
                 report = io.read_json(folder / "report.json")
@@ -482,6 +484,12 @@ def main() -> None:
         default="spread",
         help="K > 1 drawn slices: --suggest K (spread) or --suggest 1, then --suggest-next K-1 "
         "(next); use another --work per mode.",
+    )
+    parser.add_argument(
+        "--draw-empty",
+        action="store_true",
+        help='Draw a suggested slice that shows no organ as an empty slice ("no organ here"), as an '
+        "annotator shown it would; without it such a slice is left undrawn. Use another --work.",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
