@@ -228,7 +228,8 @@ def propagate_slices(
         The volume normalised to [0, 1] (as :func:`~mipseg.propagation.flow_net.normalize_volume`).
     annotations
         Slice index along axis 0 -> integer label slice ``(H, W)`` (0 = background). A class
-        absent from an annotated slice is absent there (the annotator drew every class it saw).
+        absent from an annotated slice is absent there (the annotator drew every class it saw), so
+        an all-background slice ends every class's propagation before it.
     transport
         Moves masks between neighbouring slices (see :data:`Transport`).
     verify, verify_between
@@ -278,16 +279,9 @@ def propagate_slices(
                 # two-sided: up to the next annotated slice; nearer: the slices nearer to this one
                 bound = _zone_end(index, step, ordered, depth, fusion)
                 closed = fusion == "two_sided" and _neighbour_shows(annotations, ordered, index, step, label)
+                verified = verify and (verify_between or not closed)
                 runs[index][step] = _propagate_direction(
-                    image,
-                    mask,
-                    index,
-                    step,
-                    bound,
-                    transport,
-                    rule,
-                    verify and (verify_between or not closed),
-                    reference,
+                    image, mask, index, step, bound, transport, rule, verified, reference
                 )
             extents.append(_extent(label, index, runs[index]))
         for position, index in enumerate(ordered):
