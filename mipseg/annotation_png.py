@@ -15,8 +15,9 @@ that one of them accepts means the same thing to all of them:
   one line that says how to save it instead: a colour has no class number, and a transparent
   layer's hidden pixels carry whatever colour the editor left there.
 
-This module sits beside :mod:`mipseg.io` (below every stage): :mod:`mipseg.dataset` uses it to
-validate, the stages to read, :mod:`mipseg.annotate` to show and to write.
+This module sits beside :mod:`mipseg.io` (below every stage): :mod:`mipseg.dataset` uses its checks
+(:func:`check_annotation_png`, :func:`check_some_slice_drawn`) to validate, the stages read with it,
+:mod:`mipseg.annotate` shows, checks and writes with it.
 """
 
 from __future__ import annotations
@@ -138,3 +139,45 @@ def read_annotation(path: str | Path, spec: DatasetSpec) -> np.ndarray:
     np.ndarray of uint8 (uint16 with more than 255 classes), shape (rows, columns)
     """
     return values_to_classes(read_annotation_values(path), list(spec.class_labels.values()), path)
+
+
+def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, ...], key: int) -> list[str]:
+    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty MIP, unknown label values.
+
+    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode). Values follow
+    :mod:`mipseg.annotation_png` (one foreground class: any nonzero pixel is it).
+    """
+    try:
+        array = read_annotation_values(path)
+    except InputError as error:
+        return error.problems
+    if spec.annotation == "slice":
+        if not 0 <= key < image_shape[0]:
+            return [f"{path}: slice {key} is outside the image's {image_shape[0]} slices along axis 0"]
+        expected = tuple(image_shape[1:])
+        grid = f"slice grid {expected} (y, x)"
+    else:
+        expected = tuple(s for axis, s in enumerate(image_shape) if axis != key)
+        grid = f"MIP grid {expected} of the image along axis {key}"
+    if array.shape != expected:
+        return [f"{path}: size {array.shape} (rows, columns) does not match the {grid}"]
+    # An empty slice is a drawing in slice mode ("no organ here", e.g. a suggested slice past the
+    # organ's end); an empty MIP would mean no vessel at all, which is a mistake.
+    if not np.any(array) and spec.annotation != "slice":
+        return [f"{path}: empty annotation (no nonzero pixel)"]
+    try:
+        values_to_classes(array, list(spec.class_labels.values()), path)
+    except InputError as error:
+        return error.problems
+    return []
+
+
+def check_some_slice_drawn(case_id: str, annotations: dict[int, Path]) -> list[str]:
+    """Slice mode: a case whose every drawn slice is empty says nothing about where its organs are.
+
+    ``annotations`` maps slice index -> PNG (each already passed :func:`check_annotation_png`).
+    """
+    if any(np.any(read_annotation_values(png)) for png in annotations.values()):
+        return []
+    files = ", ".join(png.name for _, png in sorted(annotations.items()))
+    return [f"{files}: every drawn slice of case {case_id} is empty; draw the organs on at least one"]

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mipseg import io, paths
-from mipseg.annotation_png import read_annotation_values, values_to_classes
+from mipseg.annotation_png import check_annotation_png, check_some_slice_drawn
 from mipseg.errors import InputError
 
 REQUIRED_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
@@ -299,47 +299,8 @@ def validate_case(
         for key, png in sorted(case.annotations.items()):
             problems += check_annotation_png(png, spec, reference_shape, key)
         if spec.annotation == "slice" and case.annotations and not problems:
-            problems += _check_some_slice_drawn(case)
+            problems += check_some_slice_drawn(case.case_id, case.annotations)
     return problems
-
-
-def _check_some_slice_drawn(case: Case) -> list[str]:
-    """A case whose every drawn slice is empty says nothing about where its organs are."""
-    if any(np.any(read_annotation_values(png)) for png in case.annotations.values()):
-        return []
-    files = ", ".join(png.name for _, png in sorted(case.annotations.items()))
-    return [f"{files}: every drawn slice of case {case.case_id} is empty; draw the organs on at least one"]
-
-
-def check_annotation_png(path: Path, spec: DatasetSpec, image_shape: tuple[int, ...], key: int) -> list[str]:
-    """Problems of one annotation PNG: unreadable, colour, wrong grid, empty MIP, unknown label values.
-
-    ``key`` is the MIP axis (mip mode) or slice index along axis 0 (slice mode). Values follow
-    :mod:`mipseg.annotation_png` (one foreground class: any nonzero pixel is it).
-    """
-    try:
-        array = read_annotation_values(path)
-    except InputError as error:
-        return error.problems
-    if spec.annotation == "slice":
-        if not 0 <= key < image_shape[0]:
-            return [f"{path}: slice {key} is outside the image's {image_shape[0]} slices along axis 0"]
-        expected = tuple(image_shape[1:])
-        grid = f"slice grid {expected} (y, x)"
-    else:
-        expected = tuple(s for axis, s in enumerate(image_shape) if axis != key)
-        grid = f"MIP grid {expected} of the image along axis {key}"
-    if array.shape != expected:
-        return [f"{path}: size {array.shape} (rows, columns) does not match the {grid}"]
-    # An empty slice is a drawing in slice mode ("no organ here", e.g. a suggested slice past the
-    # organ's end); an empty MIP would mean no vessel at all, which is a mistake.
-    if not np.any(array) and spec.annotation != "slice":
-        return [f"{path}: empty annotation (no nonzero pixel)"]
-    try:
-        values_to_classes(array, list(spec.class_labels.values()), path)
-    except InputError as error:
-        return error.problems
-    return []
 
 
 def _check_label(

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from mipseg import io
-from mipseg.annotation_png import read_annotation
-from mipseg.dataset import Dataset, check_annotation_png
+from mipseg.annotation_png import check_annotation_png, read_annotation
+from mipseg.dataset import Dataset
 from mipseg.errors import InputError
 
 HISTORY_FOLDER = ".history"
