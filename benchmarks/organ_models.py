@@ -349,8 +349,9 @@ def train_and_predict(d: str, labels: str, seed: int, raw: Path, output: Path, e
     """``mipseg_train -f all`` on a label set at the benchmark's schedule, then ``mipseg_predict`` of
     the test volumes into ``output``; returns the training seconds."""
     schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
+    undrawn = ["--undrawn-classes", getattr(args, "undrawn_classes", "marginal")]
     train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
-             "--num-workers", "0", "--seed", str(seed)]  # fmt: skip
+             "--num-workers", "0", "--seed", str(seed), *undrawn]  # fmt: skip
     seconds = run_command(train, env, "organ_models")
     shutil.rmtree(output, ignore_errors=True)
     predict = ["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
@@ -458,6 +459,8 @@ def plot(results: dict[str, dict], slices: list[int], path: Path) -> None:
 
 
 def main() -> None:
+    from mipseg.training.losses import UNDRAWN_CLASS_RULES
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -490,6 +493,13 @@ def main() -> None:
         action="store_true",
         help='Draw a suggested slice that shows no organ as an empty slice ("no organ here"), as an '
         "annotator shown it would; without it such a slice is left undrawn. Use another --work.",
+    )
+    parser.add_argument(
+        "--undrawn-classes",
+        choices=UNDRAWN_CLASS_RULES,
+        default=UNDRAWN_CLASS_RULES[0],
+        help="mipseg_train --undrawn-classes: how a class a case's drawings left out is trained "
+        "(background: the rule before 2026-12-07). Use another --work.",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
