@@ -91,20 +91,12 @@ def main() -> None:
     args.work = args.work.resolve()
     from mipseg import io, paths
 
-    base_args = argparse.Namespace(
-        slices=[1],
-        models=[],
-        cases=6,
-        test_cases=3,
-        synthetic_shape=[24, 48, 48],
-        seed=0,
-        flow_iters=100,
-        epochs=args.epochs,
-        iters=args.iters,
-        propagate_flags=[],
-        work=args.work,
-        shared=None,
-    )
+    # organ_models.py's own defaults (6 + 3 volumes of 24x48x48, flow model of 100 iterations), one
+    # slice, no models: a hand-made namespace fell behind every flag added there since
+    base_args = organ_models.build_parser().parse_args(
+        ["--sources", "synthetic", "--slices", "1", "--models", "--epochs", str(args.epochs),
+         "--iters", str(args.iters), "--work", str(args.work)]
+    )  # fmt: skip
     organ_models.run_source("synthetic", 970, base_args)  # the dataset, flow model and drawings (cached)
     work = args.work / "synthetic"
     env = dict(os.environ)
@@ -144,7 +136,7 @@ def main() -> None:
             key = f"model_{name}_seed{seed}{suffix}"
             if key not in state:
                 labels = "dense" if name == "dense" else f"{BASE}_{name}"
-                state.set(key, train_and_score(labels, seed, env, d, raw, classes, args))
+                state.set(key, train_and_score(labels, seed, env, d, raw, classes, base_args))
     print(f"{iterations} training iterations per model, seeds {args.seeds}")
     print(
         f"{'label set':<14}{'errors %':>10}{'ignored %':>11}{'labels Dice':>13}{'model Dice':>12}"

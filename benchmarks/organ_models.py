@@ -349,9 +349,9 @@ def train_and_predict(d: str, labels: str, seed: int, raw: Path, output: Path, e
     """``mipseg_train -f all`` on a label set at the benchmark's schedule, then ``mipseg_predict`` of
     the test volumes into ``output``; returns the training seconds."""
     schedule = ["--epochs", str(args.epochs), "--iters-per-epoch", str(args.iters), "--val-iters", "1"]
-    undrawn = ["--undrawn-classes", getattr(args, "undrawn_classes", "marginal")]
     train = ["mipseg_train", "-d", d, "-f", "all", "--labels", labels, *schedule, "--device", "cpu",
-             "--num-workers", "0", "--seed", str(seed), *undrawn]  # fmt: skip
+             "--num-workers", "0", "--seed", str(seed),
+             "--undrawn-classes", args.undrawn_classes]  # fmt: skip
     seconds = run_command(train, env, "organ_models")
     shutil.rmtree(output, ignore_errors=True)
     predict = ["mipseg_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", d, "-f", "all",
@@ -458,7 +458,8 @@ def plot(results: dict[str, dict], slices: list[int], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's flags; ``organ_label_training.py`` parses its run of :func:`run_source` with it."""
     from mipseg.training.losses import UNDRAWN_CLASS_RULES
 
     parser = argparse.ArgumentParser(
@@ -514,6 +515,11 @@ def main() -> None:
         "--shared", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
     )
     parser.add_argument("--plot", type=Path)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs {args.jobs}: need at least 1")
