@@ -190,8 +190,9 @@ def to_device(batch: dict[str, Any], device: torch.device, has_seeds: bool) -> d
     first_mip = 2 if has_seeds else 1
     if seg.shape[1] > first_mip:  # the MIP trainer's ray channels (mipseg.training.mip_data)
         tensors["mip"] = seg[:, first_mip:].to(device, non_blocking=True)
-    if "undrawn" in batch and np.asarray(batch["undrawn"]).any():
-        tensors["undrawn"] = torch.as_tensor(np.asarray(batch["undrawn"]), dtype=torch.bool).to(device)
+    undrawn = batch.get("undrawn")
+    if undrawn is not None and np.any(undrawn):
+        tensors["undrawn"] = torch.as_tensor(np.asarray(undrawn), dtype=torch.bool).to(device)
     return tensors
 
 
