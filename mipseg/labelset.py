@@ -48,6 +48,9 @@ from mipseg.metrics import dice_from_counts
 DESCRIPTION_FILE = "labelset.json"
 REPORT_FILE = "report.json"
 SEEDS_PATTERN = "{case}_seeds.nii.gz"
+# The copies mipseg_train makes on the preprocessed grid, per case (:meth:`LabelSet.preprocessed_file`);
+# the planner writes the first two for the dense set, fold_inputs the seeds.
+PREPROCESSED_SUFFIXES = {"label": ".npy", "locations": "_locations.npz", "seeds": "_seeds.npy"}
 RESERVED_NAMES = ("dense",)  # labelsTr, the dense truth
 TRUTH_USED_FOR = "agreement numbers only (labelsTr), never for the labels"
 # What, besides the label map itself, makes a run of a label set the same run.
@@ -100,6 +103,10 @@ class LabelSet:
     def preprocessed_folder(self) -> Path:
         """``data/labelsets/{name}``: the copy on the preprocessed grid that mipseg_train makes."""
         return paths.preprocessed_root() / self.dataset / "data" / "labelsets" / self.name
+
+    def preprocessed_file(self, case_id: str, kind: str = "label") -> Path:
+        """A case's file in :attr:`preprocessed_folder`: ``kind`` is a key of ``PREPROCESSED_SUFFIXES``."""
+        return self.preprocessed_folder / f"{case_id}{PREPROCESSED_SUFFIXES[kind]}"
 
     @property
     def description_path(self) -> Path:
@@ -165,8 +172,8 @@ class LabelSet:
         mipseg_train preprocesses a label set only where copies are missing, so a rewritten map
         must lose its copies to be preprocessed again.
         """
-        for suffix in (".npy", "_locations.npz", "_seeds.npy"):
-            (self.preprocessed_folder / f"{case_id}{suffix}").unlink(missing_ok=True)
+        for kind in PREPROCESSED_SUFFIXES:
+            self.preprocessed_file(case_id, kind).unlink(missing_ok=True)
 
 
 def agreement(

@@ -31,7 +31,7 @@ from scipy.ndimage import binary_fill_holes
 
 from mipseg import io, paths
 from mipseg.errors import InputError
-from mipseg.labelset import LabelSet
+from mipseg.labelset import PREPROCESSED_SUFFIXES, LabelSet
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.resampling import compute_new_shape, resample_to_shape
@@ -418,4 +418,4 @@ def _preprocess_label_file(
 
 def preprocessed_label_files(stem: str | Path) -> tuple[Path, Path]:
     """A case's preprocessed label map ``{stem}.npy`` and its class locations ``{stem}_locations.npz``."""
-    return Path(f"{stem}.npy"), Path(f"{stem}_locations.npz")
+    return tuple(Path(f"{stem}{PREPROCESSED_SUFFIXES[kind]}") for kind in ("label", "locations"))

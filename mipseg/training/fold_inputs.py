@@ -68,15 +68,17 @@ def split_case_ids(
     return train, val
 
 
-def _labelset_complete(folder: Path, case_ids: list[str]) -> bool:
-    return folder.is_dir() and all((folder / f"{c}.npy").is_file() for c in case_ids)
+def _labelset_complete(labelset: LabelSet, case_ids: list[str]) -> bool:
+    return labelset.preprocessed_folder.is_dir() and all(
+        labelset.preprocessed_file(c).is_file() for c in case_ids
+    )
 
 
 def ensure_labelset(dataset: str, name: str, case_ids: list[str]) -> Path:
     """The preprocessed label set folder, made with ``preprocess_labelset`` when incomplete."""
     labelset = LabelSet(dataset, name)
     folder = labelset.preprocessed_folder
-    if not _labelset_complete(folder, case_ids):
+    if not _labelset_complete(labelset, case_ids):
         if name != "dense" and not labelset.folder.is_dir():
             raise InputError(
                 f"{labelset.folder}: label set {name!r} not found "
@@ -95,7 +97,7 @@ def ensure_seeds(dataset: str, name: str, case_ids: list[str], data_dir: Path, i
         if not raw.is_file():
             continue
         found = True
-        out = labelset.preprocessed_folder / f"{case_id}_seeds.npy"
+        out = labelset.preprocessed_file(case_id, "seeds")
         if not out.is_file():
             seeds, _ = io.read_image(raw)
             properties = io.read_json(data_dir / f"{case_id}.json")
@@ -133,16 +135,17 @@ def resolve_inputs(dataset: str | int, fold: int | str, labels: str) -> FoldInpu
     elif labels == "dense":
         dense_dir = labelset_dir
 
-    undrawn = LabelSet(name, labels).undrawn_classes()  # {} for dense: it has no report
+    labelset = LabelSet(name, labels)
+    undrawn = labelset.undrawn_classes()  # {} for dense: it has no report
 
     def case(case_id: str) -> data_module.TrainingCase:
-        seeds = labelset_dir / f"{case_id}_seeds.npy"
+        seeds = labelset.preprocessed_file(case_id, "seeds")
         return data_module.TrainingCase(
             case_id,
             data_dir / f"{case_id}.npy",
-            labelset_dir / f"{case_id}.npy",
+            labelset.preprocessed_file(case_id, "label"),
             seeds if seeds.is_file() else None,
-            labelset_dir / f"{case_id}_locations.npz",
+            labelset.preprocessed_file(case_id, "locations"),
             undrawn=undrawn.get(case_id, ()),
         )
 
