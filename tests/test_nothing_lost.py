@@ -20,6 +20,7 @@ from _training_helpers import tiny_plans, write_tiny_dataset
 from mipseg import io
 from mipseg.errors import InputError
 from mipseg.inference.predict_api import PredictionSettings, predict_folder
+from mipseg.labelset import LabelSet
 from mipseg.planning.planner import default_resampling
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import train_api
@@ -324,3 +325,20 @@ def test_refine_interrupted_over_a_finished_label_set_keeps_it(data_roots, sig) 
         description["settings"]["passes"] == 3 and len(io.read_json(labelset / "report.json")["cases"]) == 4
     )
     assert not staged.exists()
+
+
+@pytest.mark.parametrize("fold", [0, "all"])
+def test_train_after_a_kill_in_label_preprocessing_completes_the_label_set(trained, data_roots, fold) -> None:
+    # a kill while mipseg_train preprocesses a label set leaves some cases without their copy and a
+    # hidden temporary of the one being written; the next run must finish the set, not miss the case
+    # or take the temporary for a case
+    name, _ = trained
+    copies = LabelSet(name, "pseudo")  # the set train_fold trains on
+    missing = copies.preprocessed_file("case_001")
+    missing.unlink()
+    copies.preprocessed_file("case_001", "locations").unlink(missing_ok=True)
+    leftover = copies.preprocessed_folder / ".case_001.partial-0000dead.npy"
+    leftover.write_bytes(b"")
+    fold_dir = train_fold(name, fold, config=_config(), show_progress=False)
+    assert (fold_dir / "checkpoint_final.pt").is_file()
+    assert missing.is_file() and not leftover.exists()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from acvl_utils.cropping_and_padding.bounding_boxes import bounding_box_to_slice, get_bbox_from_mask
@@ -35,6 +35,9 @@ from mipseg.labelset import PREPROCESSED_SUFFIXES, LabelSet
 from mipseg.planning.parallel import DEFAULT_NUM_PROCESSES, map_with_progress
 from mipseg.planning.plans import Plans, load_plans
 from mipseg.planning.resampling import compute_new_shape, resample_to_shape
+
+if TYPE_CHECKING:
+    from mipseg.dataset import Dataset
 
 NUM_LOCATIONS_PER_CLASS = 10000  # nnU-Net's _sample_foreground_locations
 MIN_LOCATION_COVERAGE = 0.01
@@ -326,6 +329,21 @@ def _preprocess_case_files(image_paths: list[str], stem: str, plans_json: dict[s
     io.write_json(properties, stem + ".json")
 
 
+def labelset_sources(loaded: Dataset, name: str) -> dict[str, Path]:
+    """Case id -> the raw-geometry label file of label set ``name``, for the cases that have one.
+
+    ``labelsTr`` for ``"dense"``, else ``preprocessed/DatasetX/labelsets/{name}/{case}.nii.gz``: the
+    cases a label set labels, which its preprocessed copy must hold (a killed copy may lack some).
+    """
+    labelset = LabelSet(loaded.name, name)
+    sources = {}
+    for case in loaded.cases:
+        path = case.label if name == "dense" else labelset.label_file(case.case_id, loaded.spec.file_ending)
+        if path is not None and Path(path).is_file():
+            sources[case.case_id] = Path(path)
+    return sources
+
+
 def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = DEFAULT_NUM_PROCESSES) -> Path:
     """Bring label set ``name`` onto the preprocessed grid: ``data/labelsets/{name}/{case}.npy``.
 
@@ -350,17 +368,12 @@ def preprocess_labelset(dataset: str | int, name: str, *, num_processes: int = D
     labelset = LabelSet(loaded.name, name)
     out = labelset.preprocessed_folder
     tasks, problems = [], []
-    for case in loaded.cases:
-        label_path = (
-            case.label if name == "dense" else labelset.label_file(case.case_id, loaded.spec.file_ending)
-        )
-        if label_path is None or not Path(label_path).is_file():
-            continue
-        properties_path = data_dir(dataset) / f"{case.case_id}.json"
+    for case_id, label_path in labelset_sources(loaded, name).items():
+        properties_path = data_dir(dataset) / f"{case_id}.json"
         if not properties_path.is_file():
             problems.append(f"{properties_path}: case not preprocessed; run mipseg_plan -d {dataset} first")
             continue
-        tasks.append((str(label_path), str(properties_path), str(out / case.case_id), plans.to_json()))
+        tasks.append((str(label_path), str(properties_path), str(out / case_id), plans.to_json()))
     if not tasks and not problems:
         where = loaded.folder / "labelsTr" if name == "dense" else labelset.folder
         problems.append(f"{where}: no label files for label set {name!r}")

@@ -19,7 +19,7 @@ from mipseg.dataset import DatasetSpec, load_dataset
 from mipseg.errors import InputError
 from mipseg.labelset import LabelSet
 from mipseg.planning.plans import Plans, load_plans
-from mipseg.planning.preprocessing import preprocess_labelset, preprocess_seeds
+from mipseg.planning.preprocessing import labelset_sources, preprocess_labelset, preprocess_seeds
 from mipseg.training import checkpoint as ckpt
 from mipseg.training import data as data_module
 
@@ -122,8 +122,9 @@ def resolve_inputs(dataset: str | int, fold: int | str, labels: str) -> FoldInpu
         raise InputError(
             f"{loaded.folder / 'labelsTr'}: no dense labels, so label set 'dense' does not exist"
         )
-    labelset_dir = ensure_labelset(name, labels, [])
-    available = sorted(p.stem for p in labelset_dir.glob("*.npy") if not p.stem.endswith("_seeds"))
+    ensure_labelset(name, labels, [])  # a set that does not exist fails here, with its own message
+    # the cases the set labels, not its preprocessed copies: a kill while copying leaves some out
+    available = sorted(labelset_sources(loaded, labels))
     train_ids, val_ids = split_case_ids(preprocessed, fold, available or case_ids)
     labelset_dir = ensure_labelset(name, labels, sorted(set(train_ids + val_ids)))
     has_seeds = ensure_seeds(
