@@ -332,13 +332,18 @@ def _check_label(
     return []
 
 
+def _visible(paths: Iterable[Path]) -> list[Path]:
+    """Sorted, without hidden files: macOS's ``._{name}`` copies and a killed writer's temporaries."""
+    return sorted(path for path in paths if not path.name.startswith("."))
+
+
 def _discover_cases(folder: Path, spec: DatasetSpec) -> tuple[dict[str, list[Path]], list[str]]:
     """Group ``{case}_{XXXX}{ending}`` files by case; report cases missing a channel."""
     if not folder.is_dir():
         return {}, []
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(spec.file_ending) + "$")
     found: dict[str, dict[int, Path]] = {}
-    for path in sorted(folder.iterdir()):
+    for path in _visible(folder.iterdir()):
         match = pattern.match(path.name)
         if match and path.is_file():
             found.setdefault(match["case"], {})[int(match["channel"])] = path
@@ -364,7 +369,7 @@ def _files_by_case(folder: Path, ending: str, problems: list[str], known: Iterab
         return {}
     known = set(known)
     files = {}
-    for path in sorted(folder.glob(f"*{ending}")):
+    for path in _visible(folder.glob(f"*{ending}")):
         case_id = path.name[: -len(ending)]
         if case_id in known:
             files[case_id] = path
@@ -381,7 +386,7 @@ def _discover_annotations(
     known = set(known)
     pattern = _SLICE_PNG if spec.annotation == "slice" else _MIP_PNG
     found: dict[str, dict[int, Path]] = {}
-    for path in sorted(folder.glob("*.png")):
+    for path in _visible(folder.glob("*.png")):
         match = pattern.match(path.name)
         if spec.annotation is None:
             problems.append(f'{path}: dataset.json has no \'annotation\' mode ("mip" or "slice")')

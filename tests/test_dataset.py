@@ -70,6 +70,26 @@ def test_valid_dataset_loads(data_roots: dict[str, Path], mode: str) -> None:
     assert code == 0 and "Dataset900_Tiny: valid" in output
 
 
+@pytest.mark.parametrize("mode", ["mip", "slice"])
+def test_hidden_files_are_not_cases(data_roots: dict[str, Path], mode: str) -> None:
+    # macOS writes "._{name}" beside every file copied to a foreign disk; a killed writer leaves
+    # ".{stem}.partial-{id}{ending}": neither is a case, a label or a drawing
+    folder = make_dataset(data_roots["raw"], mode=mode)
+    drawing = "case_000_mip0.png" if mode == "mip" else "case_000_slice3.png"
+    junk = [
+        folder / "imagesTr" / "._case_000_0000.nii.gz",
+        folder / "imagesTr" / ".case_009_0000.partial-0000dead.nii.gz",
+        folder / "labelsTr" / "._case_000.nii.gz",
+        folder / "annotationsTr" / f"._{drawing}",
+    ]
+    for path in junk:
+        path.write_bytes(b"\x00\x05\x16\x07")  # AppleDouble magic: not an image
+    dataset = load_dataset(900, require_annotations=True, require_labels=True)
+    assert dataset.case_ids == ["case_000", "case_001"]
+    code, output = run_validate("-d", "900", "--require-annotations")
+    assert code == 0 and "Dataset900_Tiny: valid" in output, output
+
+
 def _drop_key(folder: Path) -> str:
     spec = json.loads((folder / "dataset.json").read_text())
     del spec["file_ending"]

@@ -242,8 +242,13 @@ def test_plan_and_preprocess_end_to_end(data_roots):
     assert set(np.unique(pseudo)) == {0, 1, 2}
     assert "annotated" in np.load(out / "data/labelsets/pseudo/case01_locations.npz")
     before = (out / "data/case02.npy").stat().st_mtime_ns
+    # a producer's run in progress stages its set in labelsets/.{name}.next: not a label set to copy
+    staged = out / "labelsets/.pseudo.next"
+    staged.mkdir()
+    io.write_image(weak, label_geometry, staged / "case01.nii.gz")
     plan_and_preprocess(901, num_processes=1, device="cpu", resume=True)
     assert (out / "data/case02.npy").stat().st_mtime_ns == before
+    assert sorted(p.name for p in (out / "data/labelsets").iterdir()) == ["dense", "pseudo"]
 
 
 def test_bad_labelset_is_reported(data_roots):

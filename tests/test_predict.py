@@ -182,8 +182,8 @@ def test_pointwise_network_is_reproduced_exactly_with_mirroring_and_padding() ->
 
 
 def test_discover_cases_reports_missing_channels(tmp_path: Path) -> None:
-    for name in ("a_0000", "a_0001", "b_0000", "c_0001"):
-        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+    for name in ("a_0000", "a_0001", "b_0000", "c_0001", "._a_0000", ".d_0000.partial-0000dead"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")  # the hidden ones are no cases
     cases = discover_cases([tmp_path], 2, ".nii.gz")
     assert [c.case_id for c in cases] == ["a", "b", "c"]
     assert cases[0].problem is None and len(cases[0].files) == 2

@@ -205,6 +205,7 @@ def test_challenge_entry_script_on_folders(data_roots, tmp_path: Path) -> None:
     for image in sorted((data_roots["raw"] / name / "imagesTr").glob("*.nii.gz")):
         array, geometry = io.read_image(image)
         io.write_image(array, geometry, inputs / f"{image.name[: -len('_0000.nii.gz')]}.mha")
+    (inputs / "._case_000.mha").write_bytes(b"\x00\x05\x16\x07")  # a macOS copy's sidecar: no image
     output = tmp_path / "output" / "images"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIPSEG_")}  # no dataset roots
     env.update(OMP_NUM_THREADS="1", MIPSEG_CACHE=str(tmp_path / "cache"))

@@ -73,7 +73,9 @@ def discover_cases(inputs: Sequence[str | Path], num_channels: int, file_ending:
     if len(inputs) == 1 and not inputs[0].exists():
         raise InputError(f"{inputs[0]}: no such folder or file")
     if len(inputs) == 1 and inputs[0].is_dir():
-        files = sorted(p for p in inputs[0].iterdir() if p.is_file() and pattern.match(p.name))
+        # hidden files left out: macOS's ._{name} copies, a killed writer's temporaries
+        visible = (p for p in inputs[0].iterdir() if not p.name.startswith("."))
+        files = sorted(p for p in visible if p.is_file() and pattern.match(p.name))
         source = str(inputs[0])
         if not files:
             raise InputError(f"{source}: no files named {{case}}_{{XXXX}}{file_ending} to predict")

@@ -165,7 +165,8 @@ def existing_labelsets(loaded) -> list[str]:
     names = ["dense"] if any(case.label is not None for case in loaded.cases) else []
     folder = paths.preprocessed_root() / loaded.name / "labelsets"
     if folder.is_dir():
-        candidates = [LabelSet(loaded.name, p.name) for p in folder.iterdir() if p.is_dir()]
+        visible = [p for p in folder.iterdir() if not p.name.startswith(".")]  # not a run's .{name}.next
+        candidates = [LabelSet(loaded.name, p.name) for p in visible if p.is_dir()]
         names += sorted(
             labelset.name
             for labelset in candidates

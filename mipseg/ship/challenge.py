@@ -27,7 +27,9 @@ def challenge_images(input_dir: Path) -> list[Path]:
     if not input_dir.is_dir():
         raise InputError(f"{input_dir}: no such input folder")
     found = sorted(
-        p for p in input_dir.rglob("*") if p.is_file() and io.compound_suffix(p) in CHALLENGE_ENDINGS
+        p
+        for p in input_dir.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and io.compound_suffix(p) in CHALLENGE_ENDINGS
     )
     if not found:
         raise InputError(f"{input_dir}: no image ({', '.join(CHALLENGE_ENDINGS)}) to segment")
