@@ -185,3 +185,12 @@ def test_organ_union_step_is_refused_when_it_hurts_a_class() -> None:
     )
     assert "all" not in rules and rules["1"]["kind"] == "largest"
     assert np.array_equal(apply_rules(segmentation, rules), reference.astype(np.uint8))
+
+
+def test_validation_files_leave_out_a_killed_writers_temporary(tmp_path: Path) -> None:
+    from mipseg.selection.oof import validation_files
+
+    vessel = np.full(SHAPE, 0.5, np.float32)
+    folder = _model(tmp_path, "plain__pseudo__3d_fullres", {"case_a": vessel, "case_b": vessel})
+    (folder / "fold_0" / "validation" / ".case_c.partial-0000dead.npz").write_bytes(b"")
+    assert sorted(validation_files(folder)) == ["case_a", "case_b"]

@@ -37,7 +37,8 @@ def validation_files(model_dir: Path) -> dict[str, Path]:
     """``{case: fold_k/validation/{case}.npz}`` over the numbered folds (``fold_all`` validates nothing)."""
     found = {}
     for path in sorted(model_dir.glob("fold_[0-9]*/validation/*.npz")):
-        found[path.stem] = path
+        if not path.name.startswith("."):  # pathlib's * also matches a killed writer's temporary
+            found[path.stem] = path
     return found
 
 
