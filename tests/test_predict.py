@@ -460,3 +460,19 @@ def test_a_failing_network_stops_the_tile_producer() -> None:
     with pytest.raises(ValueError, match="boom"):
         sliding_window_logits(network, image, (8, 16, 16), 2, mirror_axes=None)
     assert not [t for t in threading.enumerate() if t.name == "mipseg-tiles"]
+
+
+def test_min_component_size_without_validation_comes_from_the_label_maps_alone(data_roots) -> None:
+    from mipseg.inference.export import learned_min_component_size
+
+    model_dir = make_model(folds=(0,))  # no validation predictions: the label maps decide
+    labelset = data_roots["preprocessed"] / DATASET / "labelsets" / "pseudo"
+    label = np.zeros((12, 20, 24), np.uint8)
+    label[2:6, 2:6, 2:6] = 1  # the smallest structure the model saw: 64 voxels
+    label[8:12, 8:12, 8:12] = 1
+    io.write_image(label, io.Geometry.identity(), labelset / "case0.nii.gz")
+    seeds = np.full(label.shape, 2, np.uint8)
+    seeds[3, 3, 3] = 1  # a seed map: single voxels, no structure
+    io.write_image(seeds, io.Geometry.identity(), labelset / "case0_seeds.nii.gz")
+    (labelset / ".case1.partial-0000dead.nii.gz").write_bytes(b"")  # a killed writer's temporary
+    assert learned_min_component_size(model_dir, 990, "pseudo", tiny_plans(), 2) == 64

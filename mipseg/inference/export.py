@@ -18,7 +18,7 @@ from acvl_utils.morphology.morphology_helper import cc3d_label_with_component_si
 from mipseg import io, paths
 from mipseg.errors import InputError
 from mipseg.inference.postprocessing import apply_rules
-from mipseg.labelset import LabelSet
+from mipseg.labelset import SEEDS_PATTERN, LabelSet
 from mipseg.metrics import dice_from_counts
 from mipseg.planning.plans import Plans
 from mipseg.planning.preprocessing import revert_class_probabilities
@@ -243,7 +243,8 @@ def learned_min_component_size(
        converted to raw voxels with the ratio of voxel volumes (planned / median original
        spacing) and cached in ``postprocessing.json``;
     3. else the smallest foreground component in the label maps the model was trained on
-       (``preprocessed/.../labelsets/{labelset}/*.nii.gz``, or ``labelsTr`` for ``dense``): a
+       (``preprocessed/.../labelsets/{labelset}/{case}.nii.gz``, not its seed maps, or ``labelsTr``
+       for ``dense``): a
        predicted component smaller than anything the model ever saw as a structure is noise.
 
     Raises
@@ -276,7 +277,10 @@ def learned_min_component_size(
         if labelset == "dense"
         else LabelSet.of(dataset, labelset).folder
     )
-    files = sorted(folder.glob(f"*{SEGMENTATION_ENDING}")) if folder.is_dir() else []
+    found = folder.glob(f"*{SEGMENTATION_ENDING}") if folder.is_dir() else []
+    seeds = SEEDS_PATTERN.format(case="")  # a label set's seed maps are no label maps
+    # nor is a hidden file (a killed writer's temporary)
+    files = sorted(p for p in found if not p.name.startswith(".") and not p.name.endswith(seeds))
     smallest = smallest_component_size((io.read_image(f)[0] for f in files), ignore_label) if files else None
     if smallest is None:
         raise InputError(
