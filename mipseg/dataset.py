@@ -237,7 +237,11 @@ def load_dataset(
 
     cases, problems = _discover_cases(folder / "imagesTr", spec)
     if not cases:
-        problems.append(f"{folder / 'imagesTr'}: no training images named {{case}}_0000{spec.file_ending}")
+        endings = sorted({io.compound_suffix(p) for p in _visible((folder / "imagesTr").glob("*_0000.*"))})
+        other = f" (found {', '.join(endings)}: is file_ending in dataset.json right?)" if endings else ""
+        problems.append(
+            f"{folder / 'imagesTr'}: no training images named {{case}}_0000{spec.file_ending}{other}"
+        )
     elif len(cases) != spec.num_training:
         problems.append(
             f"{folder / 'dataset.json'}: numTraining is {spec.num_training} but imagesTr holds "
@@ -343,11 +347,15 @@ def _discover_cases(folder: Path, spec: DatasetSpec) -> tuple[dict[str, list[Pat
         return {}, []
     pattern = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})" + re.escape(spec.file_ending) + "$")
     found: dict[str, dict[int, Path]] = {}
+    problems = []
     for path in _visible(folder.iterdir()):
         match = pattern.match(path.name)
         if match and path.is_file():
             found.setdefault(match["case"], {})[int(match["channel"])] = path
-    problems = []
+        elif path.name.endswith(spec.file_ending):  # nnU-Net's most common naming slip: no _0000
+            problems.append(
+                f"{path}: name does not follow {{case}}_{{XXXX}}{spec.file_ending} (channel 0: _0000)"
+            )
     cases = {}
     for case_id, channels in sorted(found.items()):
         missing = [c for c in range(spec.num_channels) if c not in channels]

@@ -186,8 +186,22 @@ def _bad_labels(folder: Path) -> str:
     return "label values must be consecutive 0..1, found [0, 2]"
 
 
+def _no_channel_suffix(folder: Path) -> str:
+    (folder / "imagesTr" / "case_000_0000.nii.gz").rename(folder / "imagesTr" / "case_000.nii.gz")
+    return "case_000.nii.gz: name does not follow {case}_{XXXX}.nii.gz"
+
+
+def _wrong_file_ending(folder: Path) -> str:
+    spec = json.loads((folder / "dataset.json").read_text())
+    spec["file_ending"] = ".nii"
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return "no training images named {case}_0000.nii (found .nii.gz: is file_ending in dataset.json right?)"
+
+
 PROBLEMS = [
     _drop_key,
+    _no_channel_suffix,
+    _wrong_file_ending,
     _missing_channel,
     _channel_geometry,
     _label_shape,
