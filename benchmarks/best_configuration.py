@@ -51,8 +51,8 @@ def main() -> None:
 
     root = paths.results_dataset_dir(args.dataset)
     best = Candidate(tuple(root / name for name in result["best"]["models"]))
-    reference_dir = LabelSet.of(args.dataset, result["reference_labelset"]).preprocessed_folder
-    dense_dir = LabelSet.of(args.dataset, "dense").preprocessed_folder
+    reference_set = LabelSet.of(args.dataset, result["reference_labelset"])
+    dense_set = LabelSet.of(args.dataset, "dense")
     rules = result["postprocessing"]["rules"]
     variants = {"none": {}, "decided " + str(rules): rules}
     classes = sorted(int(v) for v in result["candidates"][0]["labelset_dice"])
@@ -71,12 +71,12 @@ def main() -> None:
         labelled = {str(c): [] for c in classes}
         dense = {str(c): [] for c in classes}
         for index, (segmentation, reference) in enumerate(
-            winner_cases(best, result["cases"], reference_dir, spec["labels"])
+            winner_cases(best, result["cases"], reference_set, spec["labels"])
         ):
             processed = apply_rules(segmentation, variant)
             for value, dice in dice_per_class(reference, processed, classes, ignore).items():
                 labelled[value].append(dice)
-            truth = np.load(dense_dir / f"{result['cases'][index]}.npy")[0]
+            truth = np.load(dense_set.preprocessed_file(result["cases"][index]))[0]
             for value, dice in dice_per_class(truth, processed, classes).items():
                 dense[value].append(dice)
         table.add_row(name, f"{foreground_mean(labelled)[1]:.4f}", f"{foreground_mean(dense)[1]:.4f}")

@@ -217,10 +217,10 @@ def _validation_cases(
     model_dir: Path, dataset: str | int, labelset: str, labels: Mapping[str, int]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Argmax of every ``fold_*/validation/{case}.npz`` with its preprocessed label-set reference."""
-    reference_dir = LabelSet.of(dataset, labelset).preprocessed_folder
+    reference = LabelSet.of(dataset, labelset)
     cases = []
     for npz_path in sorted(model_dir.glob("fold_*/validation/*.npz")):
-        reference_path = reference_dir / f"{npz_path.stem}.npy"
+        reference_path = reference.preprocessed_file(npz_path.stem)
         if not reference_path.is_file():
             continue
         with np.load(npz_path) as npz:

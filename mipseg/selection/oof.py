@@ -17,6 +17,7 @@ import numpy as np
 
 from mipseg.inference.export import class_values, probabilities_to_segmentation
 from mipseg.inference.predictor import list_model_folders
+from mipseg.labelset import LabelSet
 from mipseg.metrics import dice_per_class
 
 ENSEMBLE_SEPARATOR = "___"  # nnU-Net's separator of ensemble member names
@@ -105,8 +106,8 @@ def foreground_mean(per_case: Mapping[str, Sequence[float]]) -> tuple[dict[str, 
 def score_candidates(
     candidates: Sequence[Candidate],
     cases: Sequence[str],
-    reference_dir: Path,
-    dense_dir: Path | None,
+    reference: LabelSet,
+    dense: LabelSet | None,
     labels: Mapping[str, int],
     ignore_label: int,
 ) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -114,11 +115,11 @@ def score_candidates(
 
     Parameters
     ----------
-    reference_dir
-        ``data/labelsets/{name}`` of the label set scored against (``{case}.npy``, ``(1, z, y, x)``;
+    reference
+        The label set scored against, read from its preprocessed copies (``(1, z, y, x)``;
         ``ignore_label`` voxels count for nothing).
-    dense_dir
-        ``data/labelsets/dense`` or None: Dice against dense truth, reported only.
+    dense
+        The ``dense`` label set or None: Dice against dense truth, reported only.
 
     Returns
     -------
@@ -128,16 +129,16 @@ def score_candidates(
     files = {model: validation_files(model) for candidate in candidates for model in candidate.models}
     scores = {c.name: {"labelset": {str(v): [] for v in classes}, "dense": {}} for c in candidates}
     for case_id in cases:
-        reference = np.load(reference_dir / f"{case_id}.npy")[0]
-        dense_path = dense_dir / f"{case_id}.npy" if dense_dir is not None else None
-        dense = np.load(dense_path)[0] if dense_path is not None and dense_path.is_file() else None
+        reference_map = np.load(reference.preprocessed_file(case_id))[0]
+        dense_path = dense.preprocessed_file(case_id) if dense is not None else None
+        dense_map = np.load(dense_path)[0] if dense_path is not None and dense_path.is_file() else None
         for candidate, segmentation in candidate_segmentations(candidates, case_id, labels, files):
             entry = scores[candidate.name]
-            if segmentation.shape != reference.shape:
+            if segmentation.shape != reference_map.shape:
                 continue
-            for value, dice in dice_per_class(reference, segmentation, classes, ignore_label).items():
+            for value, dice in dice_per_class(reference_map, segmentation, classes, ignore_label).items():
                 entry["labelset"][value].append(dice)
-            if dense is not None and dense.shape == segmentation.shape:
-                for value, dice in dice_per_class(dense, segmentation, classes).items():
+            if dense_map is not None and dense_map.shape == segmentation.shape:
+                for value, dice in dice_per_class(dense_map, segmentation, classes).items():
                     entry["dense"].setdefault(value, []).append(dice)
     return scores

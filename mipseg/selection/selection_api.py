@@ -109,21 +109,22 @@ def find_best_configuration(
         )
     models = list(found.values())
     reference = reference_labelset(models, labels)
-    reference_dir = LabelSet.of(dataset, reference).preprocessed_folder
-    cases = [c for c in common_cases(models) if (reference_dir / f"{c}.npy").is_file()]
+    reference_set = LabelSet.of(dataset, reference)
+    cases = [c for c in common_cases(models) if reference_set.preprocessed_file(c).is_file()]
     if not cases:
         raise InputError(
-            f"{reference_dir}: no preprocessed label of any validated case for label set {reference}"
+            f"{reference_set.preprocessed_folder}: no preprocessed label of any validated case for "
+            f"label set {reference}"
         )
-    dense_dir = LabelSet.of(dataset, "dense").preprocessed_folder
+    dense = LabelSet.of(dataset, "dense")
     spec = io.read_json(models[0] / "dataset.json")
     plans = load_plans(models[0] / "plans.json")
     candidates = candidates_of(models, ensembles)
     scores = score_candidates(
         candidates,
         cases,
-        reference_dir,
-        dense_dir if dense_dir.is_dir() else None,
+        reference_set,
+        dense if dense.preprocessed_folder.is_dir() else None,
         spec["labels"],
         plans.ignore_label,
     )
@@ -137,7 +138,7 @@ def find_best_configuration(
     kind = _structure(best.models[0], structure)
     classes = [int(v) for v in plans.labels.values() if v not in (0, plans.ignore_label)]
     rules, pp_table = decide_postprocessing(
-        lambda: winner_cases(best, cases, reference_dir, spec["labels"]),
+        lambda: winner_cases(best, cases, reference_set, spec["labels"]),
         sorted(classes),
         plans.ignore_label,
         kind,
@@ -187,14 +188,14 @@ def _scores_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def winner_cases(
-    best: Candidate, cases: Sequence[str], reference_dir: Path, labels: dict[str, int]
+    best: Candidate, cases: Sequence[str], reference: LabelSet, labels: dict[str, int]
 ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """``(out-of-fold argmax, reference label map)`` of a candidate for each case, one at a time."""
     files = {model: validation_files(model) for model in best.models}
     for case_id in cases:
-        reference = np.load(reference_dir / f"{case_id}.npy")[0]
+        reference_map = np.load(reference.preprocessed_file(case_id))[0]
         for _, segmentation in candidate_segmentations([best], case_id, labels, files):
-            yield segmentation, reference
+            yield segmentation, reference_map
 
 
 def predict_command(dataset: str | int, best: Candidate, postprocess: bool) -> str:
