@@ -291,6 +291,10 @@ class LabelSetWriter:
         Files a finished case has (default: its label map).
     agreement_keys
         Per-case fields averaged in the summary (see :func:`summarize`).
+    settings_added
+        Settings keys the producer added after it first wrote label sets, each with the value that
+        reproduces a run from before the key existed: an earlier ``labelset.json`` without the key
+        counts as having that value, so ``--continue`` over a set an older version began goes on.
     """
 
     def __init__(
@@ -302,6 +306,7 @@ class LabelSetWriter:
         header: dict[str, Any] | None = None,
         case_files: Callable[[str], list[Path]] | None = None,
         agreement_keys: tuple[str, ...] = ("agreement",),
+        settings_added: dict[str, Any] | None = None,
     ) -> None:
         self.labelset = labelset
         self.target = _target(labelset, resume)
@@ -311,6 +316,7 @@ class LabelSetWriter:
         self.header = dict(header or {})
         self.case_files = case_files or (lambda case_id: [labelset.label_path(case_id)])
         self.agreement_keys = agreement_keys
+        self.settings_added = io.json_round_trip(dict(settings_added or {}))
         self.cases: dict[str, dict[str, Any]] = self._earlier_cases() if resume else {}
         io.write_json(self.description, self.target.description_path)
 
@@ -319,6 +325,8 @@ class LabelSetWriter:
         if not (description_path.is_file() and report_path.is_file()):
             return {}
         earlier = io.read_json(description_path)
+        if isinstance(earlier.get("settings"), dict):
+            earlier["settings"] = {**self.settings_added, **earlier["settings"]}
         changed = [key for key in IDENTITY_KEYS if earlier.get(key) != self.description.get(key)]
         if changed:
             made = ", ".join(f"{key} {earlier.get(key)}" for key in changed)

@@ -342,3 +342,30 @@ def test_train_after_a_kill_in_label_preprocessing_completes_the_label_set(train
     fold_dir = train_fold(name, fold, config=_config(), show_progress=False)
     assert (fold_dir / "checkpoint_final.pt").is_file()
     assert missing.is_file() and not leftover.exists()
+
+
+def test_propagate_continue_goes_on_over_a_set_an_older_version_began(organs, data_roots) -> None:
+    # label sets made before --no-verify-between existed have no "verify_between" in their
+    # settings; they were verified everywhere, which is what the key's default does
+    command = [
+        str(BIN / "mipseg_propagate"),
+        "-d",
+        organs,
+        "--name",
+        "organs",
+        "--method",
+        "copy",
+        *PROPAGATE,
+    ]
+    subprocess.run(command, env=_env(), check=True, capture_output=True)
+    description = next(data_roots["preprocessed"].glob("Dataset991_*")) / "labelsets/organs/labelset.json"
+    older = io.read_json(description)
+    del older["settings"]["verify_between"]
+    io.write_json(older, description)
+    subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
+    assert io.read_json(description)["settings"]["verify_between"] is True
+    io.write_json(older, description)
+    refused = subprocess.run(
+        [*command, "--continue", "--no-verify-between"], env=_env(), capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "other settings" in refused.stderr, refused.stderr

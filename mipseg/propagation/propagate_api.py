@@ -49,6 +49,10 @@ from mipseg.propagation.train_flow import (
     train_flow_model,
 )
 
+# Settings keys added after label sets were first made, with the value a run before the key had
+# (LabelSetWriter's settings_added): verification between two drawings was always on until 2026-12-07.
+SETTINGS_ADDED = {"verify_between": True}
+
 
 @dataclass(frozen=True)
 class PropagationSettings:
@@ -206,7 +210,11 @@ def propagate_dataset(
         "unannotated_cases": [c.case_id for c in loaded.cases if not c.annotations],
     }
     writer = LabelSetWriter(
-        labelset, labelset_description(loaded, name, settings, checkpoint), resume=resume, header=header
+        labelset,
+        labelset_description(loaded, name, settings, checkpoint),
+        resume=resume,
+        header=header,
+        settings_added=SETTINGS_ADDED,
     )
     todo = [case for case in annotated if not writer.finished(case.case_id)]
     with progress_bar(show_progress, elapsed=True) as bar:
