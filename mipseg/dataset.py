@@ -138,6 +138,11 @@ def parse_dataset_json(data: Any, source: str = "dataset.json") -> tuple[Dataset
     if not isinstance(data, dict):
         return None, [f"{source}: expected a JSON object, found {type(data).__name__}"]
     problems = [f"{source}: missing key {key!r}" for key in REQUIRED_KEYS if key not in data]
+    if "modality" in data and "channel_names" not in data:
+        problems.append(
+            f"{source}: this is nnU-Net v1's dataset.json: rename 'modality' to 'channel_names', write "
+            "'labels' as name -> value, add 'file_ending', drop 'training'/'test' (files are found by name)"
+        )
     # check the keys that are there too, so one run lists every problem of the file
     channels, labels = data.get("channel_names", {"0": "?"}), data.get("labels", {"background": 0})
     if not isinstance(channels, dict) or not channels:
@@ -149,7 +154,9 @@ def parse_dataset_json(data: Any, source: str = "dataset.json") -> tuple[Dataset
     if not isinstance(labels, dict) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in labels.values()
     ):
-        problems.append(f"{source}: 'labels' must map names to integers, found {labels!r}")
+        regions = isinstance(labels, dict) and any(isinstance(v, list) for v in labels.values())
+        hint = " (region-based labels, lists of values, are not supported)" if regions else ""
+        problems.append(f"{source}: 'labels' must map names to integers, found {labels!r}{hint}")
     else:
         values = sorted(v for k, v in labels.items() if k != "ignore")
         if values[:1] != [0] or "background" not in labels or labels["background"] != 0:

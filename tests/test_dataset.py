@@ -277,6 +277,27 @@ def test_missing_dataset_folder(data_roots: dict[str, Path]) -> None:
     assert code == 2 and "dataset folder not found" in output
 
 
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        (
+            {"modality": {"0": "MRA"}, "labels": {"0": "background", "1": "vessel"}, "numTraining": 2},
+            "this is nnU-Net v1's dataset.json: rename 'modality' to 'channel_names'",
+        ),
+        (
+            {"channel_names": {"0": "CT"}, "labels": {"background": 0, "vessel": [1, 2]}, "numTraining": 2},
+            "(region-based labels, lists of values, are not supported)",
+        ),
+    ],
+    ids=["nnunet_v1", "regions"],
+)
+def test_dataset_json_of_other_nnunet_formats_is_named(data_roots: dict[str, Path], spec, expected) -> None:
+    folder = make_dataset(data_roots["raw"])
+    (folder / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".nii.gz"}))
+    code, output = run_validate("-d", "900")
+    assert code == 2 and expected in " ".join(output.split()), output
+
+
 def test_every_problem_of_a_dataset_json_is_reported_at_once(data_roots: dict[str, Path]) -> None:
     folder = make_dataset(data_roots["raw"], mode="mip")
     spec = json.loads((folder / "dataset.json").read_text())
