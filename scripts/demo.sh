@@ -9,6 +9,9 @@
 #   DEMO_VESSEL_ID / DEMO_ORGAN_ID   dataset ids (900 / 901)
 #   DEMO_CASES / DEMO_TEST_CASES     vessel training / test cases (the folds: min(5, DEMO_CASES))
 #   DEMO_SHAPE                       vessel volume size "Z Y X"
+#   DEMO_VESSEL_DENSITY / DEMO_NOISE_SCALE   mipseg_synthesize --vessel-density / --noise-scale of the
+#                                    vessel dataset (default 2 / 16: crowded, noisy volumes, closer to
+#                                    the real microscopy scans than the synthesizer's default 1 / 1)
 #   DEMO_EPOCHS / DEMO_ITERS         epochs x iterations per epoch of every training run
 #   DEMO_VAL_ITERS                   validation batches per epoch
 #   DEMO_FINETUNE_EPOCHS             epochs of the fine-tuning on the refined labels
@@ -32,9 +35,11 @@ set -euo pipefail
 
 VESSEL_ID=${DEMO_VESSEL_ID:-900}
 ORGAN_ID=${DEMO_ORGAN_ID:-901}
-CASES=${DEMO_CASES:-5}
-TEST_CASES=${DEMO_TEST_CASES:-3}
+CASES=${DEMO_CASES:-10}
+TEST_CASES=${DEMO_TEST_CASES:-10}
 read -r -a SHAPE <<<"${DEMO_SHAPE:-32 48 48}"
+VESSEL_DENSITY=${DEMO_VESSEL_DENSITY:-2}
+NOISE_SCALE=${DEMO_NOISE_SCALE:-16}
 EPOCHS=${DEMO_EPOCHS:-4}
 ITERS=${DEMO_ITERS:-15}
 VAL_ITERS=${DEMO_VAL_ITERS:-1}
@@ -119,7 +124,7 @@ py() { python -c "$1"; }
 # ---------------------------------------------------------------------------------------------- vessels
 step "synthesize a vessel dataset with MIP annotations (Dataset${VESSEL_ID})"
 run mipseg_synthesize -d "$VESSEL_ID" --kind vessels --cases "$CASES" --test-cases "$TEST_CASES" \
-	--shape "${SHAPE[@]}" --seed 0 --overwrite
+	--shape "${SHAPE[@]}" --vessel-density "$VESSEL_DENSITY" --noise-scale "$NOISE_SCALE" --seed 0 --overwrite
 run mipseg_validate -d "$VESSEL_ID" --require-annotations
 VESSEL_RAW=$(py "from mipseg import paths; print(paths.raw_dataset_dir($VESSEL_ID))")
 VESSEL_RESULTS=$(py "from mipseg import paths; print(paths.results_dataset_dir($VESSEL_ID))")

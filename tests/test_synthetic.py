@@ -55,6 +55,24 @@ def test_vessel_volume_looks_like_an_angiogram(vessel_volume):
     assert np.median(image[label > 0]) > np.median(image[near]) + 100
 
 
+def test_vessel_density_and_noise_scale_change_what_they_name(vessel_volume):
+    image, label = vessel_volume
+    crowded_image, crowded_label = make_vessel_volume(
+        TINY, (1.0, 1.0, 1.0), np.random.default_rng(3), vessel_density=3.0
+    )
+    assert crowded_label.mean() > 1.5 * label.mean()
+    noisy_image, noisy_label = make_vessel_volume(
+        TINY, (1.0, 1.0, 1.0), np.random.default_rng(3), noise_scale=8.0
+    )
+    np.testing.assert_array_equal(noisy_label, label)  # the same anatomy, only a noisier image
+    body = (image > 0) & (noisy_image > 0)
+    residual, noisy_residual = (
+        ndimage.median_filter(image, 3) - image,
+        ndimage.median_filter(noisy_image, 3) - noisy_image,
+    )
+    assert np.std(noisy_residual[body]) > 2 * np.std(residual[body])
+
+
 def _brightest_voxel_labels(image: np.ndarray, label: np.ndarray, axis: int) -> np.ndarray:
     """Reference: walk every ray and read the label at its (first) brightest voxel."""
     moved_image, moved_label = np.moveaxis(image, axis, -1), np.moveaxis(label, axis, -1)
@@ -233,6 +251,10 @@ def test_bad_arguments_are_input_errors(data_roots):
     with pytest.raises(InputError) as error:
         synthesize_dataset(907, "vessels", num_cases=0, shape=(0, 32, 32), spacing=(1, -1, 1), mip_axes=(3,))
     assert len(error.value.problems) == 4
+    with pytest.raises(InputError) as error:
+        synthesize_dataset(907, "organs", vessel_density=0.0, noise_scale=2.0)
+    assert [p.split(" ")[:2] for p in error.value.problems] == [["vessel", "density"], ["noise", "scale"]]
+    assert "only --kind vessels" in error.value.problems[1]
     with pytest.raises(InputError, match="kind"):
         synthesize_dataset(907, "bones")
     assert not any(data_roots["raw"].iterdir())
@@ -274,3 +296,15 @@ def test_cli_writes_a_dataset_and_rejects_bad_input(data_roots):
     assert runner.invoke(app, ["-d", "910", "--kind", "bones"]).exit_code == 2
     assert runner.invoke(app, ["-d", "910", "--kind", "vessels", "--shape", "0", "32", "32"]).exit_code == 2
     assert runner.invoke(app, ["-d", "908", "--kind", "vessels", "--cases", "1"]).exit_code == 2
+    bad_density = runner.invoke(app, ["-d", "911", "--kind", "vessels", "--vessel-density", "nan"])
+    assert bad_density.exit_code == 2 and "vessel density nan" in bad_density.output
+
+    result = runner.invoke(
+        app,
+        ["-d", "911", "--kind", "vessels", "--cases", "1", "--test-cases", "0", "--shape", "16", "32", "32"]
+        + ["--vessel-density", "2", "--noise-scale", "4"],
+    )
+    assert result.exit_code == 0, result.output
+    synthetic = io.read_json(load_dataset(911).folder / "dataset.json")["synthetic"]
+    assert synthetic["vessel_density"] == 2.0 and synthetic["noise_scale"] == 4.0
+    assert "vessel_density" not in io.read_json(load_dataset(908).folder / "dataset.json")["synthetic"]

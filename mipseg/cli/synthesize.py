@@ -59,6 +59,16 @@ def synthesize(
             help="Organs: labelled classes 1..4; N > 1 also labels N-1 touching neighbours (neighbour_K).",
         ),
     ] = 1,
+    vessel_density: Annotated[
+        float,
+        typer.Option(
+            "--vessel-density", help="Vessels: multiply the number of vessel trees (crowded MIPs above 1)."
+        ),
+    ] = 1.0,
+    noise_scale: Annotated[
+        float,
+        typer.Option("--noise-scale", help="Vessels: multiply the Rician noise level (sigma 12-22 at 1)."),
+    ] = 1.0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing dataset.")] = False,
     debug: DebugOption = False,
 ) -> None:
@@ -81,11 +91,15 @@ def synthesize(
             annotator_noise=annotator_noise,
             slice_choice=slice_choice,
             organ_classes=organ_classes,
+            vessel_density=vessel_density,
+            noise_scale=noise_scale,
             overwrite=overwrite,
         )
     annotation = f"MIP axes {list(axes)}" if kind == "vessels" else f"slice '{slice_choice}'"
     if organ_classes > 1:
         annotation += f", {organ_classes} organ classes"
+    if vessel_density != 1.0 or noise_scale != 1.0:
+        annotation += f", vessel density x{vessel_density:g}, noise x{noise_scale:g}"
     console = Console()
     console.print(f"wrote {folder}", highlight=False, soft_wrap=True)
     console.print(

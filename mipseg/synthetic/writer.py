@@ -46,6 +46,8 @@ def synthesize_dataset(
     annotator_noise: bool = False,
     slice_choice: str | int = "middle",
     organ_classes: int = 1,
+    vessel_density: float = 1.0,
+    noise_scale: float = 1.0,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
@@ -73,6 +75,10 @@ def synthesize_dataset(
         ``N - 1`` of its touching neighbours too (``neighbour_1`` = 2, ...; see
         :func:`mipseg.synthetic.organs.make_organ_volume`), and each drawn slice holds every class
         present on it.
+    vessel_density, noise_scale
+        Vessels only: multiply the number of vessel trees and the image noise level (see
+        :func:`mipseg.synthetic.make_vessel_volume_with_centrelines`); 1.0 (default) gives the
+        same files as before these options existed.
     overwrite
         Replace an existing dataset of the same folder name.
 
@@ -98,6 +104,8 @@ def synthesize_dataset(
         num_test_cases,
         slice_choice,
         organ_classes,
+        vessel_density,
+        noise_scale,
     )
     folder = paths.raw_root() / paths.dataset_folder_name(dataset_id, name)
     _check_existing(folder, dataset_id, overwrite)
@@ -108,7 +116,11 @@ def synthesize_dataset(
         total = num_cases + num_test_cases
         for index in track(range(total), f"synthesizing {kind}", show=show_progress):
             rng = np.random.default_rng((seed, index))
-            options = {"organ_classes": organ_classes} if kind == "organs" else {}
+            options = (
+                {"organ_classes": organ_classes}
+                if kind == "organs"
+                else {"vessel_density": vessel_density, "noise_scale": noise_scale}
+            )
             try:
                 image, label = _GENERATORS[kind](shape, spacing, rng, **options)
             except InputError as error:
@@ -133,7 +145,17 @@ def synthesize_dataset(
                 )
         io.write_json(
             _dataset_json(
-                kind, num_cases, mip_axes, seed, shape, spacing, annotator_noise, slice_choice, organ_classes
+                kind,
+                num_cases,
+                mip_axes,
+                seed,
+                shape,
+                spacing,
+                annotator_noise,
+                slice_choice,
+                organ_classes,
+                vessel_density,
+                noise_scale,
             ),
             staging / "dataset.json",
         )
@@ -213,6 +235,8 @@ def _dataset_json(
     annotator_noise: bool,
     slice_choice: str | int,
     organ_classes: int = 1,
+    vessel_density: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> dict:
     data = {
         "channel_names": {"0": "MRA" if kind == "vessels" else "MRI"},
@@ -234,6 +258,10 @@ def _dataset_json(
     }
     if organ_classes != 1:  # only then, so that one-class datasets stay byte-identical to earlier ones
         data["synthetic"]["organ_classes"] = organ_classes
+    if vessel_density != 1.0:  # the same: default datasets keep their dataset.json
+        data["synthetic"]["vessel_density"] = vessel_density
+    if noise_scale != 1.0:
+        data["synthetic"]["noise_scale"] = noise_scale
     return data
 
 
@@ -254,6 +282,8 @@ def _checked_arguments(
     num_test_cases: int,
     slice_choice: str | int,
     organ_classes: int = 1,
+    vessel_density: float = 1.0,
+    noise_scale: float = 1.0,
 ) -> tuple[tuple[int, int, int], tuple[float, float, float], str]:
     """Validate everything at once; one InputError line per problem."""
     problems = []
@@ -282,6 +312,11 @@ def _checked_arguments(
         problems.append(f"organ classes {organ_classes} must be 1..{MAX_ORGAN_CLASSES}")
     elif kind != "organs" and organ_classes != 1:
         problems.append(f"organ classes {organ_classes}: only --kind organs has several classes")
+    for option, value, most in (("vessel density", vessel_density, 10.0), ("noise scale", noise_scale, 50.0)):
+        if not 0 < value <= most:  # also rejects NaN
+            problems.append(f"{option} {value} must be above 0 and at most {most:g}")
+        elif kind != "vessels" and value != 1.0:
+            problems.append(f"{option} {value}: only --kind vessels has this option")
     name = _DEFAULT_NAME[kind] if name is None else name
     try:
         paths.dataset_folder_name(dataset_id, name)
