@@ -5,7 +5,7 @@
 # command is printed before it runs, so the same lines work on your own data. Data goes under
 # ./mipseg_data unless MIPSEG_RAW / MIPSEG_PREPROCESSED / MIPSEG_RESULTS say otherwise.
 #
-# Settings (environment variables; defaults = the full demo, about 9 min on 2 CPU cores):
+# Settings (environment variables; defaults = the full demo, about 10 min on 2 CPU cores):
 #   DEMO_VESSEL_ID / DEMO_ORGAN_ID   dataset ids (900 / 901)
 #   DEMO_CASES / DEMO_TEST_CASES     vessel training / test cases (the folds: min(5, DEMO_CASES))
 #   DEMO_SHAPE                       vessel volume size "Z Y X"
@@ -66,7 +66,7 @@ if [[ -s $DONE_FILE ]]; then
 	printf 'continuing the demo: %d finished commands of an earlier run are skipped (DEMO_FRESH=1 starts over)\n' \
 		"$(grep -c '^done' "$DONE_FILE")"
 fi
-printf 'The demo takes about 8-9 min on 2 idle CPU cores (measured from a fresh clone; 2-5x that on a busy\n'
+printf 'The demo takes about 9-10 min on 2 idle CPU cores (measured from a fresh clone; 2-5x that on a busy\n'
 printf 'machine). Ctrl-C stops it; run make demo again to continue where it stopped.\n'
 trap 'printf "\ninterrupted; run make demo again to continue where it stopped\n"; exit 130' INT
 
