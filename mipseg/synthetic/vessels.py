@@ -363,8 +363,8 @@ def make_vessel_volume_with_centrelines(
         volume; at 1.0 the volume is the same as before the parameter existed.
     noise_scale
         Multiplies the Rician noise level (sigma 12-22 at 1.0, against tissue 170 and vessels
-        600-1000): 12 gives a noise floor near the tissue level, where a global threshold
-        fails and the drawing still locates the vessels.
+        600-1000). At 12 sigma is about the tissue level: the best global threshold falls from
+        0.66 to 0.18 Dice (12 cases of 64x96x96), and the MIP still shows the larger vessels.
 
     Returns
     -------
