@@ -2,7 +2,8 @@
 
 For each real volume with a dense label in ``../shared/data`` (``octa_vessels``,
 ``lightsheet_vessels``), and for ``synthetic_vessels`` (one ``make_vessel_volume`` of 64x128x128
-voxels, seed 0, octa's size; opt-in with ``--volumes``), the volume is split along x (numpy axis 2)
+voxels, seed 0, octa's size) and ``synthetic_crowded`` (the same with ``vessel_density=4,
+noise_scale=16``; both opt-in with ``--volumes``), the volume is split along x (numpy axis 2)
 into a training sub-volume (the first ``--train-fraction`` of the columns) and a test sub-volume
 (the rest). The training sub-volume becomes the one training case of a mipseg dataset whose MIP
 annotations (axes ``--axes``) are simulated by the brightest-voxel rule (a MIP pixel is vessel where
@@ -55,7 +56,10 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 VOLUMES = ("octa_vessels", "lightsheet_vessels")
 SYNTHETIC = "synthetic_vessels"
 SYNTHETIC_SHAPE = (64, 128, 128)  # octa's size
-ALL_VOLUMES = (*VOLUMES, SYNTHETIC)  # the position gives the dataset id: FIRST_ID + index
+# The same generator with 4x the trees (1.0 % vessel instead of 0.15 %) and the demo's 16x noise.
+SYNTHETIC_CROWDED = "synthetic_crowded"
+SYNTHETIC_OPTIONS = {SYNTHETIC: {}, SYNTHETIC_CROWDED: {"vessel_density": 4.0, "noise_scale": 16.0}}
+ALL_VOLUMES = (*VOLUMES, SYNTHETIC, SYNTHETIC_CROWDED)  # the position gives the dataset id: FIRST_ID + index
 FIRST_ID = 970
 
 
@@ -72,10 +76,12 @@ def read_volume(name: str) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32) and dense vessel label (uint8) of a shared real volume or the synthetic one."""
     from mipseg import io
 
-    if name == SYNTHETIC:
+    if name in SYNTHETIC_OPTIONS:
         from mipseg.synthetic import make_vessel_volume
 
-        image, truth = make_vessel_volume(SYNTHETIC_SHAPE, (1.0, 1.0, 1.0), np.random.default_rng(0))
+        image, truth = make_vessel_volume(
+            SYNTHETIC_SHAPE, (1.0, 1.0, 1.0), np.random.default_rng(0), **SYNTHETIC_OPTIONS[name]
+        )
         return image.astype(np.float32), (truth > 0).astype(np.uint8)
     image, _ = io.read_image(DATA / f"{name}.nii.gz", dtype=np.float32)
     return image, (io.read_image(DATA / f"{name}_label.nii.gz")[0] > 0).astype(np.uint8)
