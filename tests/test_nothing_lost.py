@@ -346,7 +346,8 @@ def test_train_after_a_kill_in_label_preprocessing_completes_the_label_set(train
 
 def test_propagate_continue_goes_on_over_a_set_an_older_version_began(organs, data_roots) -> None:
     # label sets made before --no-verify-between existed have no "verify_between" in their
-    # settings; they were verified everywhere, which is what the key's default does
+    # settings; they were verified everywhere, which is what the key's default does. Older ones
+    # have no "fusion" (they took the nearer drawing) and no "band_growth" (0) either.
     command = [
         str(BIN / "mipseg_propagate"),
         "-d",
@@ -364,6 +365,18 @@ def test_propagate_continue_goes_on_over_a_set_an_older_version_began(organs, da
     io.write_json(older, description)
     subprocess.run([*command, "--continue"], env=_env(), check=True, capture_output=True)
     assert io.read_json(description)["settings"]["verify_between"] is True
+    oldest = {
+        **older,
+        "settings": {k: v for k, v in older["settings"].items() if k not in ("fusion", "band_growth")},
+    }
+    io.write_json(oldest, description)
+    refused = subprocess.run([*command, "--continue"], env=_env(), capture_output=True, text=True)
+    assert refused.returncode == 2 and "other settings" in refused.stderr, refused.stderr  # two-sided now
+    subprocess.run(
+        [*command, "--continue", "--fusion", "nearer"], env=_env(), check=True, capture_output=True
+    )
+    settings = io.read_json(description)["settings"]
+    assert (settings["fusion"], settings["band_growth"], settings["verify_between"]) == ("nearer", 0.0, True)
     io.write_json(older, description)
     refused = subprocess.run(
         [*command, "--continue", "--no-verify-between"], env=_env(), capture_output=True, text=True

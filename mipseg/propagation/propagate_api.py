@@ -50,8 +50,10 @@ from mipseg.propagation.train_flow import (
 )
 
 # Settings keys added after label sets were first made, with the value a run before the key had
-# (LabelSetWriter's settings_added): verification between two drawings was always on until 2026-12-07.
-SETTINGS_ADDED = {"verify_between": True}
+# (LabelSetWriter's settings_added): slices between two drawings came from the nearer one until
+# 2026-12-05 (fusion), the ignore band did not grow with the distance until later that day
+# (band_growth), and verification between two drawings was always on until 2026-12-07.
+SETTINGS_ADDED = {"fusion": "nearer", "band_growth": 0.0, "verify_between": True}
 
 
 @dataclass(frozen=True)
