@@ -73,7 +73,7 @@ def scores(truth: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
 
 
 def read_volume(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Image (float32) and dense vessel label (uint8) of a shared real volume or the synthetic one."""
+    """Image (float32) and dense vessel label (uint8) of a shared real volume or a synthetic one."""
     from mipseg import io
 
     if name in SYNTHETIC_OPTIONS:

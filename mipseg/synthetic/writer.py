@@ -26,6 +26,8 @@ from mipseg.synthetic.organs import MAX_ORGAN_CLASSES, make_organ_volume
 from mipseg.synthetic.vessels import make_vessel_volume
 
 KINDS = ("vessels", "organs")
+# Upper limit of each vessels-only generator option (make_vessel_volume's keyword); 1.0 is its default.
+VESSEL_OPTION_LIMITS = {"vessel_density": 10.0, "noise_scale": 50.0}
 DEFAULT_SHAPE = {"vessels": (64, 96, 96), "organs": (48, 96, 96)}
 DEFAULT_SPACING = {"vessels": (1.0, 1.0, 1.0), "organs": (3.0, 1.0, 1.0)}
 _DEFAULT_NAME = {"vessels": "SyntheticVessels", "organs": "SyntheticOrgans"}
@@ -92,6 +94,7 @@ def synthesize_dataset(
         Bad arguments, or the dataset (or another one with the same id) already exists.
     """
     dataset_id = dataset
+    vessel_options = {"vessel_density": vessel_density, "noise_scale": noise_scale}
     shape, spacing, name = _checked_arguments(
         dataset_id,
         kind,
@@ -104,23 +107,18 @@ def synthesize_dataset(
         num_test_cases,
         slice_choice,
         organ_classes,
-        vessel_density,
-        noise_scale,
+        vessel_options,
     )
     folder = paths.raw_root() / paths.dataset_folder_name(dataset_id, name)
     _check_existing(folder, dataset_id, overwrite)
 
     staging = folder.with_name(f".{folder.name}.partial-{uuid.uuid4().hex[:8]}")
     geometry = synthetic_geometry(shape, spacing)
+    options = {"organ_classes": organ_classes} if kind == "organs" else vessel_options
     try:
         total = num_cases + num_test_cases
         for index in track(range(total), f"synthesizing {kind}", show=show_progress):
             rng = np.random.default_rng((seed, index))
-            options = (
-                {"organ_classes": organ_classes}
-                if kind == "organs"
-                else {"vessel_density": vessel_density, "noise_scale": noise_scale}
-            )
             try:
                 image, label = _GENERATORS[kind](shape, spacing, rng, **options)
             except InputError as error:
@@ -154,8 +152,7 @@ def synthesize_dataset(
                 annotator_noise,
                 slice_choice,
                 organ_classes,
-                vessel_density,
-                noise_scale,
+                vessel_options,
             ),
             staging / "dataset.json",
         )
@@ -235,8 +232,7 @@ def _dataset_json(
     annotator_noise: bool,
     slice_choice: str | int,
     organ_classes: int = 1,
-    vessel_density: float = 1.0,
-    noise_scale: float = 1.0,
+    vessel_options: dict[str, float] | None = None,
 ) -> dict:
     data = {
         "channel_names": {"0": "MRA" if kind == "vessels" else "MRI"},
@@ -258,10 +254,8 @@ def _dataset_json(
     }
     if organ_classes != 1:  # only then, so that one-class datasets stay byte-identical to earlier ones
         data["synthetic"]["organ_classes"] = organ_classes
-    if vessel_density != 1.0:  # the same: default datasets keep their dataset.json
-        data["synthetic"]["vessel_density"] = vessel_density
-    if noise_scale != 1.0:
-        data["synthetic"]["noise_scale"] = noise_scale
+    # the same for the vessel options: default datasets keep their dataset.json
+    data["synthetic"].update({key: v for key, v in (vessel_options or {}).items() if v != 1.0})
     return data
 
 
@@ -282,8 +276,7 @@ def _checked_arguments(
     num_test_cases: int,
     slice_choice: str | int,
     organ_classes: int = 1,
-    vessel_density: float = 1.0,
-    noise_scale: float = 1.0,
+    vessel_options: dict[str, float] | None = None,
 ) -> tuple[tuple[int, int, int], tuple[float, float, float], str]:
     """Validate everything at once; one InputError line per problem."""
     problems = []
@@ -312,7 +305,8 @@ def _checked_arguments(
         problems.append(f"organ classes {organ_classes} must be 1..{MAX_ORGAN_CLASSES}")
     elif kind != "organs" and organ_classes != 1:
         problems.append(f"organ classes {organ_classes}: only --kind organs has several classes")
-    for option, value, most in (("vessel density", vessel_density, 10.0), ("noise scale", noise_scale, 50.0)):
+    for key, value in (vessel_options or {}).items():
+        option, most = key.replace("_", " "), VESSEL_OPTION_LIMITS[key]
         if not 0 < value <= most:  # also rejects NaN
             problems.append(f"{option} {value} must be above 0 and at most {most:g}")
         elif kind != "vessels" and value != 1.0:
